@@ -1,0 +1,12 @@
+"""gatekit: dynamic channel and layer gating for residual networks (Bejnordi and Krestel)."""
+from .blocks import GateSite, register_channelwise_module
+from .convert import convert, gate_sites
+from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError, NotConvertedError, TraceError
+from .gate import Gate
+from .gated_model import GatekitInfo, gates_of
+from .losses import SparsityLoss, gate_loss, sparsity_loss
+from .optim import param_groups
+from .stats import BlockStats, gate_stats, summarize
+from .temperature import TemperatureSchedule, set_temperature
+
+__version__ = "0.1.0"

@@ -1,0 +1,247 @@
+"""Finding residual blocks in an fx graph, from its structure alone.
+
+A residual block is an elementwise add of two tensors that both descend from one node, the block
+input: one side, the *branch*, holds the most convolutions; the other, the *shortcut*, is the input
+itself (identity) or a cheaper path (projection conv, pooling, padding). No class names or module
+paths are consulted, so models nobody listed are found the same way. See docs/design.md.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .macs import node_macs
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+# Ops that act on each channel on its own: a channel zeroed before them stays irrelevant after them.
+_CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Dropout, nn.Dropout2d, nn.Identity,
+    nn.MaxPool2d, nn.AvgPool2d,
+)
+_CHANNELWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.elu, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool2d, F.avg_pool2d,
+}
+_CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+
+
+def register_channelwise_module(module_type: type[nn.Module]) -> type[nn.Module]:
+    """Declare that ``module_type`` treats each channel on its own (a drop-path, a norm, ...).
+
+    Channel gates are placed after such modules, so that skipped channels skip them too.
+    """
+    global _CHANNELWISE_MODULES
+    _CHANNELWISE_MODULES = _CHANNELWISE_MODULES + (module_type,)
+    return module_type
+
+
+@dataclass(frozen=True)
+class GateSite:
+    """Where one gate goes: a residual block and the filters of its branch's first conv.
+
+    ``name`` is the dotted path of the module whose forward holds the residual add. Node fields are
+    fx node names of the traced model; module fields are dotted module paths. ``branch_macs`` is the
+    per-sample cost of the whole branch with every gate open; ``shortcut`` is ``"identity"``,
+    ``"projection"`` (holds a conv) or ``"parameter-free"`` (pooling, padding); ``channel_macs`` is the part of it that
+    shrinks in proportion to the channels left on (first conv, depthwise convs after it, consumer).
+    """
+
+    name: str
+    in_channels: int
+    channels: int
+    first_conv: str
+    channelwise_ops: tuple[str, ...]
+    consumer: str | None
+    shortcut: str
+    block_input_node: str
+    channel_gate_node: str
+    branch_output_node: str
+    add_node: str
+    branch_macs: int
+    channel_macs: int
+
+
+def is_conv(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(
+        graph_module.get_submodule(node.target), nn.modules.conv._ConvNd
+    )
+
+
+def _out_channels(graph_module: fx.GraphModule, conv: fx.Node) -> int:
+    return graph_module.get_submodule(conv.target).out_channels
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _is_channelwise(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        return isinstance(module, _CHANNELWISE_MODULES) or _is_depthwise(module)
+    if node.op == "call_function":
+        return node.target in _CHANNELWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _CHANNELWISE_METHODS
+    return False
+
+
+def _is_residual_add(node: fx.Node) -> bool:
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    return is_add and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
+
+
+class _Ancestry:
+    """Ancestor sets of graph nodes, memoised: graphs of a few thousand nodes stay fast."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.order = {node: index for index, node in enumerate(graph.nodes)}
+        self._ancestors: dict[fx.Node, frozenset[fx.Node]] = {}
+        for node in graph.nodes:
+            found: set[fx.Node] = set()
+            for parent in node.all_input_nodes:
+                found.add(parent)
+                found |= self._ancestors[parent]
+            self._ancestors[node] = frozenset(found)
+
+    def __call__(self, node: fx.Node) -> frozenset[fx.Node]:
+        return self._ancestors[node]
+
+    def between(self, start: fx.Node, end: fx.Node) -> set[fx.Node]:
+        """Nodes on paths from ``start`` (excluded) to ``end`` (included)."""
+        return {n for n in self(end) | {end} if start in self(n)}
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _split_block(
+    graph_module: fx.GraphModule, ancestry: _Ancestry, add: fx.Node
+) -> tuple[fx.Node, fx.Node, set[fx.Node], set[fx.Node]] | None:
+    """Return (block input, branch output, branch nodes, shortcut nodes) of a residual add, or None."""
+    left, right = add.args[0], add.args[1]
+    if left in ancestry(right):
+        return left, right, ancestry.between(left, right), set()
+    if right in ancestry(left):
+        return right, left, ancestry.between(right, left), set()
+    common = (ancestry(left) | {left}) & (ancestry(right) | {right})
+    if not common:
+        return None
+    block_input = max(common, key=ancestry.order.__getitem__)
+    left_nodes = ancestry.between(block_input, left)
+    right_nodes = ancestry.between(block_input, right)
+    left_convs = sum(is_conv(graph_module, n) for n in left_nodes)
+    right_convs = sum(is_conv(graph_module, n) for n in right_nodes)
+    if left_convs == right_convs:
+        return None  # two equal paths: a multi-branch merge, not a residual block
+    if left_convs > right_convs:
+        return block_input, left, left_nodes, right_nodes
+    return block_input, right, right_nodes, left_nodes
+
+
+def _is_closed(ancestry: _Ancestry, block_input: fx.Node, nodes: set[fx.Node]) -> bool:
+    """Whether every tensor the branch reads comes from the block input or from inside the branch."""
+    for node in nodes:
+        for parent in node.all_input_nodes:
+            depends_on_data = parent.op == "placeholder" or any(
+                a.op == "placeholder" for a in ancestry(parent)
+            )
+            if parent is not block_input and parent not in nodes and depends_on_data:
+                return False
+    return True
+
+
+def find_gate_sites(graph_module: fx.GraphModule) -> list[GateSite]:
+    """List the residual blocks of a traced, shape-propagated model, in graph order.
+
+    Args:
+        graph_module: output of :func:`gatekit._tracing.trace` after ``ShapeProp`` ran on it.
+
+    Returns:
+        One :class:`GateSite` per residual add whose branch holds a convolution.
+    """
+    ancestry = _Ancestry(graph_module.graph)
+    macs = node_macs(graph_module)
+    found: list[tuple[fx.Node, dict]] = []
+    for add in graph_module.graph.nodes:
+        if not _is_residual_add(add):
+            continue
+        split = _split_block(graph_module, ancestry, add)
+        if split is None:
+            continue
+        block_input, branch_output, branch, shortcut = split
+        convs = sorted((n for n in branch if is_conv(graph_module, n)), key=ancestry.order.__getitem__)
+        if not convs or not _is_closed(ancestry, block_input, branch | shortcut):
+            continue
+        first_conv = convs[0]
+        chain_end, channelwise_ops, consumer = first_conv, [], None
+        while len(chain_end.users) == 1:
+            (user,) = chain_end.users
+            if user not in branch:
+                break
+            if not _is_channelwise(graph_module, user):
+                consumer = user if is_conv(graph_module, user) else None
+                break
+            channelwise_ops.append(user)
+            chain_end = user
+        channels = _out_channels(graph_module, first_conv)
+        scaled = [first_conv] + [n for n in channelwise_ops if n.op == "call_module"]
+        if consumer is not None and graph_module.get_submodule(consumer.target).in_channels == channels:
+            scaled.append(consumer)
+        found.append((add, dict(
+            in_channels=int(block_input.meta["tensor_meta"].shape[1]),
+            channels=channels,
+            first_conv=first_conv.target,
+            channelwise_ops=tuple(_describe(n) for n in channelwise_ops),
+            consumer=consumer.target if consumer is not None else None,
+            shortcut=_shortcut_kind(graph_module, shortcut),
+            block_input_node=block_input.name,
+            channel_gate_node=chain_end.name,
+            branch_output_node=branch_output.name,
+            add_node=add.name,
+            branch_macs=sum(macs.get(n, 0) for n in branch),
+            channel_macs=sum(macs.get(n, 0) for n in scaled),
+        )))
+    return [GateSite(name=name, **fields) for name, (add, fields) in zip(_block_names([a for a, _ in found]), found)]
+
+
+def _shortcut_kind(graph_module: fx.GraphModule, shortcut: set[fx.Node]) -> str:
+    """'identity', 'projection' (holds a conv) or 'parameter-free' (pooling, padding, slicing)."""
+    if any(is_conv(graph_module, n) for n in shortcut):
+        return "projection"
+    if all(n.op == "call_module" and isinstance(graph_module.get_submodule(n.target), nn.Identity) for n in shortcut):
+        return "identity"
+    return "parameter-free"
+
+
+def _describe(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.name
+
+
+def _block_names(adds: list[fx.Node]) -> list[str]:
+    """Name each block by the module whose forward holds its add; disambiguate shared modules by node."""
+    paths = [_module_path(add) for add in adds]
+    names = []
+    for add, path in zip(adds, paths):
+        if path and paths.count(path) == 1:
+            names.append(path)
+        else:
+            names.append(f"{path}.{add.name}" if path else add.name)
+    return names

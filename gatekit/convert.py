@@ -1,0 +1,237 @@
+"""gatekit.convert: insert channel and layer gates into every residual block of a model."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import _tracing
+from .blocks import GateSite, find_gate_sites
+from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
+from .gate import Gate, apply_channel_gate, apply_layer_gate
+from .gated_model import GATE_MODES, GatekitInfo, gate_key
+from .macs import node_macs
+
+
+def convert(
+    model: nn.Module,
+    *,
+    gates: str = "channel+layer",
+    example_input: Tensor | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    regularizer: Callable[[nn.Module], Tensor] | None = None,
+    temperature: float = 1.0,
+    init_bias: float = 3.0,
+    hidden: int = 16,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Return a copy of ``model`` with a gate in every residual block.
+
+    Args:
+        model: a residual network; its blocks are found from the traced graph (see docs/design.md).
+        gates: ``"channel+layer"`` (the paper's DLCG), ``"channel"`` or ``"layer"`` (ConvNet-AIG).
+        example_input: an input the model accepts, used to measure channel counts and MACs; by default
+            a 1 x C x 224 x 224 tensor, C being the first conv's input channels.
+        include: fnmatch patterns of block names to gate (default: all), see :func:`gate_sites`.
+        exclude: fnmatch patterns of block names to leave ungated.
+        regularizer: a loss such as ``gatekit.SparsityLoss(layer=0.05, channel=0.1)`` that
+            :func:`gatekit.gate_loss` computes from the last forward.
+        temperature: Gumbel-sigmoid temperature used in training mode.
+        init_bias: initial logit of every gate; positive keeps a fresh model's function.
+        hidden: width of the gate's shared linear layer (16 in the paper).
+        leaf_modules: module types torch.fx must not trace into.
+        autowrap_functions: free functions torch.fx must record as calls instead of tracing.
+        inplace: reuse the model's parameters instead of copying them first.
+
+    Returns:
+        A ``torch.fx.GraphModule`` in the model's train/eval mode; ``result.gatekit`` describes the
+        gates, and in eval mode it computes what ``model`` computes until the gates are trained.
+
+    Raises:
+        AlreadyConvertedError: ``model`` already has gatekit gates.
+        TraceError: torch.fx cannot trace the model (the message names the module).
+        NoResidualBlockError: no residual block was found, or the patterns matched none.
+
+    >>> import torchvision
+    >>> gated = convert(torchvision.models.resnet18(), example_input=torch.randn(1, 3, 64, 64))
+    >>> len(gated.gatekit.sites)
+    8
+    """
+    if gates not in GATE_MODES:
+        raise GatekitError(f"gates={gates!r} is not a gating mode; use one of {', '.join(GATE_MODES)}.")
+    _check_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    graph_module = _trace(model, leaf_modules, autowrap_functions, class_name=f"Gated{type(model).__name__}")
+    example_input = _propagate_shapes(graph_module, model, example_input)
+    sites = _select(find_gate_sites(graph_module), include, exclude, model)
+    dense_macs = sum(node_macs(graph_module).values())
+
+    channel_head, layer_head = "channel" in gates, "layer" in gates
+    graph_module.gatekit_gates = nn.ModuleDict()
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    for site in sites:
+        gate = Gate(
+            site.in_channels, site.channels, channel_head=channel_head, layer_head=layer_head,
+            hidden=hidden, temperature=temperature, init_bias=init_bias,
+        )
+        graph_module.gatekit_gates[gate_key(site.name)] = gate.to(example_input.device, example_input.dtype)
+        _insert_gate(graph_module.graph, nodes, site, channel_head, layer_head)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    graph_module.gatekit = GatekitInfo(
+        mode=gates,
+        sites=tuple(sites),
+        dense_macs=dense_macs,
+        input_shape=tuple(example_input.shape),
+        regularizer=regularizer,
+        options=dict(
+            gates=gates, include=include, exclude=tuple(exclude), temperature=temperature,
+            init_bias=init_bias, hidden=hidden,
+        ),
+    )
+    return graph_module.train(model.training)
+
+
+def gate_sites(
+    model: nn.Module,
+    *,
+    example_input: Tensor | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+) -> list[GateSite]:
+    """List where :func:`convert` would put gates, without changing ``model``.
+
+    Each :class:`GateSite` gives the block's dotted ``name`` (what ``include``/``exclude`` match),
+    the gated ``channels`` of its ``first_conv``, the ``consumer`` conv and the ``shortcut``.
+
+    Raises:
+        TraceError: torch.fx cannot trace the model.
+
+    >>> import torchvision
+    >>> [site.name for site in gate_sites(torchvision.models.resnet18())][:2]
+    ['layer1.0', 'layer1.1']
+    """
+    _check_model(model)
+    graph_module = _trace(model, leaf_modules, autowrap_functions, class_name=type(model).__name__)
+    _propagate_shapes(graph_module, model, example_input)
+    return find_gate_sites(graph_module)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise GatekitError(f"gatekit converts torch.nn.Module instances, got {type(model).__name__}.")
+    if isinstance(getattr(model, "gatekit", None), GatekitInfo) or any(isinstance(m, Gate) for m in model.modules()):
+        raise AlreadyConvertedError(
+            f"{type(model).__name__} is already gated by gatekit. Convert the original model, or "
+            f"use the gated one as it is (its options are in `model.gatekit.options`)."
+        )
+
+
+def _trace(model, leaf_modules, autowrap_functions, class_name: str) -> fx.GraphModule:
+    from .adapters import load_adapters  # adapters add tracing hints for their model families
+
+    load_adapters()
+    return _tracing.trace(
+        model, leaf_modules=tuple(leaf_modules) + (Gate,), autowrap_functions=autowrap_functions,
+        class_name=class_name,
+    )
+
+
+def _propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_input: Tensor | None) -> Tensor:
+    """Run the example input through the graph once, recording every node's shape in node.meta."""
+    if example_input is None:
+        example_input = _default_example_input(model)
+    elif not isinstance(example_input, Tensor):
+        raise GatekitError(f"example_input must be a tensor, got {type(example_input).__name__}.")
+    modes = {module: module.training for module in graph_module.modules()}
+    # Eval mode: batch-norm statistics must not move, and a batch of one must be accepted.
+    graph_module.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example_input)
+    except Exception as error:
+        raise GatekitError(
+            f"{type(model).__name__} failed on an example input of shape {tuple(example_input.shape)}: "
+            f"{type(error).__name__}: {error}\nHint: pass `example_input=` a tensor the model accepts."
+        ) from error
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return example_input
+
+
+def _default_example_input(model: nn.Module) -> Tensor:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first_conv is None:
+        raise NoResidualBlockError(
+            f"{type(model).__name__} has no convolution, so it has no residual block to gate."
+        )
+    spatial = (224,) * len(first_conv.kernel_size)
+    weight = first_conv.weight
+    return torch.randn(1, first_conv.in_channels, *spatial, device=weight.device, dtype=weight.dtype)
+
+
+def _select(
+    sites: list[GateSite], include: Sequence[str] | None, exclude: Sequence[str], model: nn.Module
+) -> list[GateSite]:
+    if not sites:
+        raise NoResidualBlockError(
+            f"found no residual block in {type(model).__name__}: no elementwise add joins a branch "
+            f"holding a convolution to a shortcut from the same input. gatekit gates residual "
+            f"networks (ResNet, MobileNetV2, ...); a plain feed-forward CNN such as VGG has no "
+            f"block to gate."
+        )
+    names = [site.name for site in sites]
+    for pattern in list(include or ()) + list(exclude):
+        if not fnmatch.filter(names, pattern):
+            raise NoResidualBlockError(
+                f"the block pattern {pattern!r} matches none of the residual blocks: {', '.join(names)}."
+            )
+    selected = [
+        site for site in sites
+        if (include is None or any(fnmatch.fnmatchcase(site.name, p) for p in include))
+        and not any(fnmatch.fnmatchcase(site.name, p) for p in exclude)
+    ]
+    if not selected:
+        raise NoResidualBlockError("include/exclude left no block to gate; gate at least one.")
+    keys = [gate_key(site.name) for site in selected]
+    if len(set(keys)) != len(keys):
+        raise GatekitError(f"two blocks map to the same gate name: {keys}; rename one of the modules.")
+    return selected
+
+
+def _insert_gate(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, channel_head: bool, layer_head: bool) -> None:
+    """Call the block's gate on its input, then apply its decisions where the site says."""
+    block_input, add = nodes[site.block_input_node], nodes[site.add_node]
+    branch_index = 0 if add.args[0] is nodes[site.branch_output_node] else 1
+    anchor = block_input
+    if anchor.op == "placeholder":  # keep every placeholder ahead of the first computation
+        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(anchor):
+        gate_node = graph.call_module(f"gatekit_gates.{gate_key(site.name)}", (block_input,))
+    with graph.inserting_after(gate_node):
+        layer_gates = graph.call_function(operator.getitem, (gate_node, 1))
+        channel_gates = graph.call_function(operator.getitem, (gate_node, 0))
+    if channel_head:
+        gated_channels = nodes[site.channel_gate_node]
+        with graph.inserting_after(gated_channels):
+            masked = graph.call_function(apply_channel_gate, (gated_channels, channel_gates))
+        gated_channels.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+    else:
+        graph.erase_node(channel_gates)
+    if layer_head:
+        with graph.inserting_before(add):
+            masked = graph.call_function(apply_layer_gate, (add.args[branch_index], layer_gates))
+        add.update_arg(branch_index, masked)
+    else:
+        graph.erase_node(layer_gates)

@@ -1,0 +1,21 @@
+"""Errors raised by gatekit. Every message names the problem and says how to fix it."""
+
+
+class GatekitError(Exception):
+    """Base class of every error gatekit raises on purpose."""
+
+
+class TraceError(GatekitError):
+    """torch.fx could not trace the model."""
+
+
+class NoResidualBlockError(GatekitError):
+    """The model has no residual block that gatekit can gate."""
+
+
+class AlreadyConvertedError(GatekitError):
+    """The model already carries gatekit gates."""
+
+
+class NotConvertedError(GatekitError):
+    """A gated model was needed, but the model has no gatekit gates."""

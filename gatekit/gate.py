@@ -1,0 +1,92 @@
+"""The gate module of one residual block, and the two functions that apply its decisions.
+
+Structure (paper Fig. 2): global average pool -> Linear(C, 16) -> ReLU -> a channel head with one
+logit per filter of the block's first conv, and a layer head with one logit for the whole block.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .relaxation import gumbel_sigmoid, threshold
+
+
+class Gate(nn.Module):
+    """Per-sample channel and layer decisions for one residual block.
+
+    Heads start with zero weights and a positive bias, so a fresh gate is on for every input in eval
+    mode (the converted model computes what the original did) and on with probability
+    ``sigmoid(init_bias)`` under training noise.
+
+    The decisions and logits of the last forward are kept on the module (``layer_gates``,
+    ``channel_gates``, ``layer_logits``, ``channel_logits``) for the sparsity losses and statistics.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        *,
+        channel_head: bool = True,
+        layer_head: bool = True,
+        hidden: int = 16,
+        temperature: float = 1.0,
+        init_bias: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if not (channel_head or layer_head):
+            raise ValueError("a Gate needs a channel head, a layer head or both")
+        self.in_channels, self.channels = in_channels, channels
+        self.fc = nn.Linear(in_channels, hidden)
+        self.channel_head = nn.Linear(hidden, channels) if channel_head else None
+        self.layer_head = nn.Linear(hidden, 1) if layer_head else None
+        for head in (self.channel_head, self.layer_head):
+            if head is not None:
+                nn.init.zeros_(head.weight)
+                nn.init.constant_(head.bias, init_bias)
+        self.temperature = temperature
+        self.layer_logits: Tensor | None = None
+        self.channel_logits: Tensor | None = None
+        self.layer_gates: Tensor | None = None
+        self.channel_gates: Tensor | None = None
+
+    def _decide(self, logits: Tensor) -> Tensor:
+        return gumbel_sigmoid(logits, self.temperature) if self.training else threshold(logits)
+
+    def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Return ``(channel_gates [B, channels] or None, layer_gates [B] or None)``, each 0 or 1."""
+        pooled = x.flatten(2).mean(dim=2)
+        hidden = torch.relu(self.fc(pooled))
+        self.channel_logits = self.channel_gates = self.layer_logits = self.layer_gates = None
+        if self.channel_head is not None:
+            self.channel_logits = self.channel_head(hidden)
+            self.channel_gates = self._decide(self.channel_logits)
+        if self.layer_head is not None:
+            self.layer_logits = self.layer_head(hidden).squeeze(1)
+            self.layer_gates = self._decide(self.layer_logits)
+        return self.channel_gates, self.layer_gates
+
+    @property
+    def macs(self) -> int:
+        """Per-sample MACs of the gate's linear layers (pooling is not counted, as elsewhere)."""
+        return sum(
+            layer.in_features * layer.out_features
+            for layer in (self.fc, self.channel_head, self.layer_head)
+            if layer is not None
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+@fx.wrap
+def apply_channel_gate(x: Tensor, gates: Tensor) -> Tensor:
+    """Multiply channel ``c`` of sample ``b`` of an N, C, ... tensor by ``gates[b, c]``."""
+    return x * gates.view(gates.shape + (1,) * (x.dim() - 2))
+
+
+@fx.wrap
+def apply_layer_gate(x: Tensor, gates: Tensor) -> Tensor:
+    """Multiply sample ``b`` of a residual branch by ``gates[b]``."""
+    return x * gates.view(gates.shape + (1,) * (x.dim() - 1))

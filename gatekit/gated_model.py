@@ -1,0 +1,61 @@
+"""What convert() records on a gated model, and how the rest of gatekit finds its gates."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from .blocks import GateSite
+from .errors import NotConvertedError
+from .gate import Gate
+
+GATE_MODES = ("channel", "layer", "channel+layer")
+
+
+@dataclass
+class GatekitInfo:
+    """Stored as ``model.gatekit`` by :func:`gatekit.convert`.
+
+    Attributes:
+        mode: ``"channel"``, ``"layer"`` or ``"channel+layer"``.
+        sites: the gated blocks, in graph order.
+        dense_macs: per-sample conv + linear MACs of the original model at ``input_shape``.
+        input_shape: shape of the example input the costs were measured on.
+        regularizer: the loss :func:`gatekit.gate_loss` adds, or None.
+        options: the conversion options, enough to convert the same model again.
+    """
+
+    mode: str
+    sites: tuple[GateSite, ...]
+    dense_macs: int
+    input_shape: tuple[int, ...]
+    regularizer: Callable[[nn.Module], Tensor] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def info_of(model: nn.Module) -> GatekitInfo:
+    """Return ``model.gatekit``, or raise NotConvertedError naming the fix."""
+    info = getattr(model, "gatekit", None)
+    if not isinstance(info, GatekitInfo):
+        raise NotConvertedError(
+            f"{type(model).__name__} has no gatekit gates. Convert it first: "
+            f"`model = gatekit.convert(model)`."
+        )
+    return info
+
+
+def gates_of(model: nn.Module) -> dict[str, Gate]:
+    """Map each gated block's dotted name to its :class:`Gate`, in graph order.
+
+    Raises:
+        NotConvertedError: the model was not made by :func:`gatekit.convert`.
+    """
+    info = info_of(model)
+    modules = model.gatekit_gates
+    return {site.name: modules[gate_key(site.name)] for site in info.sites}
+
+
+def gate_key(block_name: str) -> str:
+    """Key of a block's gate in ``model.gatekit_gates`` (module names cannot contain dots)."""
+    return block_name.replace(".", "_")

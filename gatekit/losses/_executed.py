@@ -1,0 +1,40 @@
+"""What the gates of the last forward executed, as tensors the losses can differentiate."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import GatekitError
+from ..gate import Gate
+
+
+def check_forward(name: str, gate: Gate) -> None:
+    if gate.layer_gates is None and gate.channel_gates is None:
+        raise GatekitError(
+            f"the gate of block '{name}' has no decisions yet: run the model on a batch before "
+            f"computing a gatekit loss or statistics."
+        )
+
+
+def executed_layers(gate: Gate) -> Tensor:
+    """Per-sample layer decisions, [B]; all ones when the model has no layer gates."""
+    if gate.layer_gates is not None:
+        return gate.layer_gates
+    return torch.ones(gate.channel_gates.shape[0], device=gate.channel_gates.device)
+
+
+def executed_channels(gate: Gate) -> Tensor | None:
+    """Per-sample channel decisions counted only where the block runs, [B, channels]."""
+    if gate.channel_gates is None:
+        return None
+    return gate.channel_gates * executed_layers(gate).unsqueeze(1)
+
+
+def open_probabilities(gate: Gate) -> tuple[Tensor | None, Tensor | None]:
+    """Noise-free probabilities that each gate is on: (channel [B, C] or None, layer [B] or None).
+
+    Under the logistic noise of training, P(logit + noise > 0) = sigmoid(logit) exactly.
+    """
+    channel = torch.sigmoid(gate.channel_logits) if gate.channel_logits is not None else None
+    layer = torch.sigmoid(gate.layer_logits) if gate.layer_logits is not None else None
+    return channel, layer

@@ -1,0 +1,69 @@
+"""The paper's target-free sparsity loss (eq. 4-6)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import GatekitError
+from ..gated_model import gates_of
+from ._executed import check_forward, executed_channels, executed_layers
+
+
+def sparsity_loss(model: nn.Module, *, layer: float = 0.0, channel: float = 0.0, reduction: str = "sum") -> Tensor:
+    """``layer * sum_l zbar_l^2 + channel * sum_f zbar_f^2`` over the gates of the last forward.
+
+    ``zbar_l`` is the fraction of the batch that executes block ``l``; ``zbar_f`` the fraction that
+    executes filter ``f``, counting a filter only where its block runs, since only then it costs MACs.
+    Squares of batch means, not means of squares: a gate is pushed towards firing less often, yet
+    stays free to fire for the inputs that need it.
+
+    ``reduction="sum"`` follows eq. 4-5: the gradient on each gate's rate is ``2 * coefficient *
+    zbar``, independent of how many gates the model has, so one coefficient means the same pressure
+    on a ResNet20 as on a ResNet152 (the loss value does grow with the gate count).
+    ``reduction="mean"`` divides each sum by its number of gates, so the value lies in [0, 1].
+
+    Args:
+        model: a model returned by :func:`gatekit.convert`, after a forward pass.
+        layer: lambda, the weight of the layer term.
+        channel: gamma, the weight of the channel term.
+        reduction: ``"sum"`` or ``"mean"`` over gates.
+
+    Raises:
+        NotConvertedError: the model has no gates.
+        GatekitError: no forward pass yet, or an unknown reduction.
+
+    >>> loss = criterion(model(x), y) + sparsity_loss(model, layer=0.05, channel=0.1)  # doctest: +SKIP
+    """
+    if reduction not in ("sum", "mean"):
+        raise GatekitError(f"reduction={reduction!r}: use 'sum' or 'mean'.")
+    layer_rates, channel_rates = [], []
+    for name, gate in gates_of(model).items():
+        check_forward(name, gate)
+        if gate.layer_gates is not None:
+            layer_rates.append(executed_layers(gate).mean(0, keepdim=True))
+        channels = executed_channels(gate)
+        if channels is not None:
+            channel_rates.append(channels.mean(0))
+    total = torch.zeros((), device=next(model.gatekit_gates.parameters()).device)
+    for weight, rates in ((layer, layer_rates), (channel, channel_rates)):
+        if weight and rates:
+            squares = torch.cat(rates).pow(2)
+            total = total + weight * (squares.sum() if reduction == "sum" else squares.mean())
+    return total
+
+
+@dataclass
+class SparsityLoss:
+    """The target-free sparsity loss as an object, to attach at conversion.
+
+    >>> gated = gatekit.convert(model, regularizer=SparsityLoss(layer=0.05, channel=0.1))  # doctest: +SKIP
+    """
+
+    layer: float = 0.0
+    channel: float = 0.0
+    reduction: str = "sum"
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        return sparsity_loss(model, layer=self.layer, channel=self.channel, reduction=self.reduction)
