@@ -156,18 +156,31 @@ def _propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_in
     modes = {module: module.training for module in graph_module.modules()}
     # Eval mode: batch-norm statistics must not move, and a batch of one must be accepted.
     graph_module.eval()
+    propagation = _ShapeProp(graph_module)
     try:
         with torch.no_grad():
-            ShapeProp(graph_module).propagate(example_input)
+            propagation.propagate(example_input)
     except Exception as error:
+        cause = error.__cause__ or error  # ShapeProp re-raises with the whole node dump
         raise GatekitError(
-            f"{type(model).__name__} failed on an example input of shape {tuple(example_input.shape)}: "
-            f"{type(error).__name__}: {error}\nHint: pass `example_input=` a tensor the model accepts."
+            f"{type(model).__name__} failed at '{propagation.current}' on an example input of shape "
+            f"{tuple(example_input.shape)}: {type(cause).__name__}: {cause}\n"
+            f"Hint: pass `example_input=` a tensor the model accepts."
         ) from error
     finally:
         for module, training in modes.items():
             module.training = training
     return example_input
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers which node it ran last, to name it when one fails."""
+
+    current = "the input"
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.current = node.target if node.op == "call_module" else node.name
+        return super().run_node(node)
 
 
 def _default_example_input(model: nn.Module) -> Tensor:
