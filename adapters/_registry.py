@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gatekit.errors import GatekitError
+from gatekit.gated_model import SOURCE_ATTRIBUTE
 
 ENTRY_POINT_GROUP = "gatekit.adapters"
 _BUILTIN_ADAPTERS = ("cifar_resnet", "torchvision_resnet", "timm_resnet")
@@ -93,7 +94,10 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     >>> get_model("cifar/resnet20", num_classes=10).fc.out_features
     10
     """
-    return model_entry(name).builder(**kwargs)
+    model = model_entry(name).builder(**kwargs)
+    # Remembered so that gatekit.save can rebuild the model by name instead of pickling code.
+    setattr(model, SOURCE_ATTRIBUTE, (name, dict(kwargs)))
+    return model
 
 
 def example_input(name: str, batch_size: int = 1) -> Tensor:

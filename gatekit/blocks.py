@@ -54,6 +54,8 @@ class GateSite:
     per-sample cost of the whole branch with every gate open; ``shortcut`` is ``"identity"``,
     ``"projection"`` (holds a conv) or ``"parameter-free"`` (pooling, padding); ``channel_macs`` is the part of it that
     shrinks in proportion to the channels left on (first conv, depthwise convs after it, consumer).
+    ``branch_layers`` and ``scaled_layers`` name the conv/linear nodes behind those two numbers, so
+    the costs can be measured again at another input size.
     """
 
     name: str
@@ -69,6 +71,8 @@ class GateSite:
     add_node: str
     branch_macs: int
     channel_macs: int
+    branch_layers: tuple[str, ...]
+    scaled_layers: tuple[str, ...]
 
 
 def is_conv(graph_module: fx.GraphModule, node: fx.Node) -> bool:
@@ -218,6 +222,8 @@ def find_gate_sites(graph_module: fx.GraphModule) -> list[GateSite]:
             add_node=add.name,
             branch_macs=sum(macs.get(n, 0) for n in branch),
             channel_macs=sum(macs.get(n, 0) for n in scaled),
+            branch_layers=tuple(n.name for n in sorted(branch, key=ancestry.order.__getitem__) if n in macs),
+            scaled_layers=tuple(n.name for n in scaled if n in macs),
         )))
     return [GateSite(name=name, **fields) for name, (add, fields) in zip(_block_names([a for a, _ in found]), found)]
 

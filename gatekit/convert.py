@@ -9,13 +9,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import _tracing
+from ._shapes import propagate_shapes
 from .blocks import GateSite, find_gate_sites
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
-from .gated_model import GATE_MODES, GatekitInfo, gate_key
+from .gated_model import GATE_MODES, SOURCE_ATTRIBUTE, GatekitInfo, gate_key
 from .macs import node_macs
 
 
@@ -71,8 +71,8 @@ def convert(
     _check_model(model)
     if not inplace:
         model = copy.deepcopy(model)
-    graph_module = _trace(model, leaf_modules, autowrap_functions, class_name=f"Gated{type(model).__name__}")
-    example_input = _propagate_shapes(graph_module, model, example_input)
+    graph_module = trace_model(model, leaf_modules, autowrap_functions, class_name=f"Gated{type(model).__name__}")
+    example_input = propagate_shapes(graph_module, model, example_input)
     sites = _select(find_gate_sites(graph_module), include, exclude, model)
     dense_macs = sum(node_macs(graph_module).values())
 
@@ -98,6 +98,7 @@ def convert(
             gates=gates, include=include, exclude=tuple(exclude), temperature=temperature,
             init_bias=init_bias, hidden=hidden,
         ),
+        source=getattr(model, SOURCE_ATTRIBUTE, None),
     )
     return graph_module.train(model.training)
 
@@ -122,8 +123,8 @@ def gate_sites(
     ['layer1.0', 'layer1.1']
     """
     _check_model(model)
-    graph_module = _trace(model, leaf_modules, autowrap_functions, class_name=type(model).__name__)
-    _propagate_shapes(graph_module, model, example_input)
+    graph_module = trace_model(model, leaf_modules, autowrap_functions, class_name=type(model).__name__)
+    propagate_shapes(graph_module, model, example_input)
     return find_gate_sites(graph_module)
 
 
@@ -137,7 +138,13 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _trace(model, leaf_modules, autowrap_functions, class_name: str) -> fx.GraphModule:
+def trace_model(
+    model: nn.Module,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    class_name: str | None = None,
+) -> fx.GraphModule:
+    """Trace with gatekit's tracer and every adapter's tracing hints (gates are kept whole)."""
     from .adapters import load_adapters  # adapters add tracing hints for their model families
 
     load_adapters()
@@ -145,53 +152,6 @@ def _trace(model, leaf_modules, autowrap_functions, class_name: str) -> fx.Graph
         model, leaf_modules=tuple(leaf_modules) + (Gate,), autowrap_functions=autowrap_functions,
         class_name=class_name,
     )
-
-
-def _propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_input: Tensor | None) -> Tensor:
-    """Run the example input through the graph once, recording every node's shape in node.meta."""
-    if example_input is None:
-        example_input = _default_example_input(model)
-    elif not isinstance(example_input, Tensor):
-        raise GatekitError(f"example_input must be a tensor, got {type(example_input).__name__}.")
-    modes = {module: module.training for module in graph_module.modules()}
-    # Eval mode: batch-norm statistics must not move, and a batch of one must be accepted.
-    graph_module.eval()
-    propagation = _ShapeProp(graph_module)
-    try:
-        with torch.no_grad():
-            propagation.propagate(example_input)
-    except Exception as error:
-        cause = error.__cause__ or error  # ShapeProp re-raises with the whole node dump
-        raise GatekitError(
-            f"{type(model).__name__} failed at '{propagation.current}' on an example input of shape "
-            f"{tuple(example_input.shape)}: {type(cause).__name__}: {cause}\n"
-            f"Hint: pass `example_input=` a tensor the model accepts."
-        ) from error
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    return example_input
-
-
-class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers which node it ran last, to name it when one fails."""
-
-    current = "the input"
-
-    def run_node(self, node: fx.Node) -> Any:
-        self.current = node.target if node.op == "call_module" else node.name
-        return super().run_node(node)
-
-
-def _default_example_input(model: nn.Module) -> Tensor:
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if first_conv is None:
-        raise NoResidualBlockError(
-            f"{type(model).__name__} has no convolution, so it has no residual block to gate."
-        )
-    spatial = (224,) * len(first_conv.kernel_size)
-    weight = first_conv.weight
-    return torch.randn(1, first_conv.in_channels, *spatial, device=weight.device, dtype=weight.dtype)
 
 
 def _select(

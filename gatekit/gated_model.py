@@ -11,6 +11,8 @@ from .errors import NotConvertedError
 from .gate import Gate
 
 GATE_MODES = ("channel", "layer", "channel+layer")
+# Set by gatekit.adapters.get_model on the models it builds: (name, kwargs), for gatekit.save.
+SOURCE_ATTRIBUTE = "gatekit_source"
 
 
 @dataclass
@@ -24,6 +26,8 @@ class GatekitInfo:
         input_shape: shape of the example input the costs were measured on.
         regularizer: the loss :func:`gatekit.gate_loss` adds, or None.
         options: the conversion options, enough to convert the same model again.
+        source: ``(name, kwargs)`` of the ``gatekit.adapters.get_model`` call that built the model,
+            or None; :func:`gatekit.save` needs it.
     """
 
     mode: str
@@ -32,6 +36,7 @@ class GatekitInfo:
     input_shape: tuple[int, ...]
     regularizer: Callable[[nn.Module], Tensor] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    source: tuple[str, dict[str, Any]] | None = None
 
 
 def info_of(model: nn.Module) -> GatekitInfo:

@@ -8,9 +8,17 @@ equal ``torch.utils.flop_counter.FlopCounterMode`` / 2 on a batch of one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
+import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
+
+from ._shapes import propagate_shapes
+
+if TYPE_CHECKING:
+    from .blocks import GateSite
 
 
 def layer_macs(module: nn.Module, output_shape: tuple[int, ...]) -> int:
@@ -34,3 +42,50 @@ def node_macs(graph_module: fx.GraphModule) -> dict[fx.Node, int]:
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             macs[node] = layer_macs(module, tuple(node.meta["tensor_meta"].shape))
     return macs
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Per-sample costs of a gated model at one input size: everything dynamic MACs need.
+
+    ``branch_macs[i]`` and ``channel_macs[i]`` belong to ``model.gatekit.sites[i]``.
+    """
+
+    dense_macs: int
+    branch_macs: tuple[int, ...]
+    channel_macs: tuple[int, ...]
+
+    @classmethod
+    def from_sites(cls, dense_macs: int, sites: Sequence[GateSite]) -> BlockCosts:
+        return cls(dense_macs, tuple(s.branch_macs for s in sites), tuple(s.channel_macs for s in sites))
+
+
+def static_macs(model: nn.Module, example_input: Tensor) -> int:
+    """Per-sample conv + linear MACs of ``model`` on inputs shaped like ``example_input``.
+
+    For a gated model this is the dense cost of the network it gates, without the gates.
+
+    >>> import torchvision
+    >>> static_macs(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    1814073344
+    """
+    graph_module = model if isinstance(model, fx.GraphModule) else _tracing_for(model)
+    propagate_shapes(graph_module, model, example_input)
+    return sum(node_macs(graph_module).values())
+
+
+def measure_costs(model: fx.GraphModule, sites: Sequence[GateSite], example_input: Tensor) -> BlockCosts:
+    """Measure a gated model's :class:`BlockCosts` again on inputs shaped like ``example_input``."""
+    propagate_shapes(model, model, example_input)
+    macs = {node.name: count for node, count in node_macs(model).items()}
+    return BlockCosts(
+        dense_macs=sum(macs.values()),
+        branch_macs=tuple(sum(macs[n] for n in site.branch_layers) for site in sites),
+        channel_macs=tuple(sum(macs[n] for n in site.scaled_layers) for site in sites),
+    )
+
+
+def _tracing_for(model: nn.Module) -> fx.GraphModule:
+    from .convert import trace_model
+
+    return trace_model(model)

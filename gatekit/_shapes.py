@@ -1,0 +1,61 @@
+"""Shape propagation of a traced model on an example input, with errors that name the failing node."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import GatekitError, NoResidualBlockError
+
+
+def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_input: Tensor | None) -> Tensor:
+    """Run the example input through the graph once, recording every node's shape in node.meta.
+
+    Returns the example input used. Raises GatekitError naming the node that failed.
+    """
+    if example_input is None:
+        example_input = _default_example_input(model)
+    elif not isinstance(example_input, Tensor):
+        raise GatekitError(f"example_input must be a tensor, got {type(example_input).__name__}.")
+    modes = {module: module.training for module in graph_module.modules()}
+    # Eval mode: batch-norm statistics must not move, and a batch of one must be accepted.
+    graph_module.eval()
+    propagation = _ShapeProp(graph_module)
+    try:
+        with torch.no_grad():
+            propagation.propagate(example_input)
+    except Exception as error:
+        cause = error.__cause__ or error  # ShapeProp re-raises with the whole node dump
+        raise GatekitError(
+            f"{type(model).__name__} failed at '{propagation.current}' on an example input of shape "
+            f"{tuple(example_input.shape)}: {type(cause).__name__}: {cause}\n"
+            f"Hint: pass `example_input=` a tensor the model accepts."
+        ) from error
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return example_input
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers which node it ran last, to name it when one fails."""
+
+    current = "the input"
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.current = node.target if node.op == "call_module" else node.name
+        return super().run_node(node)
+
+
+def _default_example_input(model: nn.Module) -> Tensor:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first_conv is None:
+        raise NoResidualBlockError(
+            f"{type(model).__name__} has no convolution, so it has no residual block to gate."
+        )
+    spatial = (224,) * len(first_conv.kernel_size)
+    weight = first_conv.weight
+    return torch.randn(1, first_conv.in_channels, *spatial, device=weight.device, dtype=weight.dtype)
