@@ -3,9 +3,16 @@ from .blocks import GateSite, register_channelwise_module
 from .convert import convert, gate_sites
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError, NotConvertedError, TraceError
 from .gate import Gate
+from .dynamic_macs import dynamic_macs
 from .gated_model import GatekitInfo, gates_of
 from .losses import SparsityLoss, gate_loss, sparsity_loss
+from .losses import (
+    BatchShapingLoss, MacBudgetLoss, TargetRateLoss, batch_shaping_loss, expected_macs, mac_budget_loss,
+    target_rate_loss,
+)
+from .checkpoint import load, save
 from .optim import param_groups
+from .profiler import BlockProfile, Profile, profile
 from .stats import BlockStats, gate_stats, summarize
 from .temperature import TemperatureSchedule, set_temperature
 

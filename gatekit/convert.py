@@ -26,7 +26,7 @@ def convert(
     example_input: Tensor | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    regularizer: Callable[[nn.Module], Tensor] | None = None,
+    regularizer: Callable[[nn.Module], Tensor] | Sequence[Callable[[nn.Module], Tensor]] | None = None,
     temperature: float = 1.0,
     init_bias: float = 3.0,
     hidden: int = 16,
@@ -43,8 +43,8 @@ def convert(
             a 1 x C x 224 x 224 tensor, C being the first conv's input channels.
         include: fnmatch patterns of block names to gate (default: all), see :func:`gate_sites`.
         exclude: fnmatch patterns of block names to leave ungated.
-        regularizer: a loss such as ``gatekit.SparsityLoss(layer=0.05, channel=0.1)`` that
-            :func:`gatekit.gate_loss` computes from the last forward.
+        regularizer: a loss such as ``gatekit.SparsityLoss(layer=0.05, channel=0.1)``, or a list of
+            them, that :func:`gatekit.gate_loss` computes from the last forward.
         temperature: Gumbel-sigmoid temperature used in training mode.
         init_bias: initial logit of every gate; positive keeps a fresh model's function.
         hidden: width of the gate's shared linear layer (16 in the paper).

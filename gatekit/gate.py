@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .errors import GatekitError
 from .relaxation import gumbel_sigmoid, threshold
 
 
@@ -36,7 +37,7 @@ class Gate(nn.Module):
     ) -> None:
         super().__init__()
         if not (channel_head or layer_head):
-            raise ValueError("a Gate needs a channel head, a layer head or both")
+            raise GatekitError("a Gate needs a channel head, a layer head or both.")
         self.in_channels, self.channels = in_channels, channels
         self.fc = nn.Linear(in_channels, hidden)
         self.channel_head = nn.Linear(hidden, channels) if channel_head else None

@@ -161,7 +161,8 @@ def profile(
     model.eval()
     try:
         with torch.no_grad():
-            for inputs, labels in tqdm(_batches(data, batch_size), disable=not progress, desc="profile", unit="batch"):
+            for batch in tqdm(_as_batches(data, batch_size), disable=not progress, desc="profile", unit="batch"):
+                inputs, labels = _split(batch)
                 if max_samples is not None:
                     inputs, labels = inputs[: max_samples - tally.samples], _head(labels, max_samples - tally.samples)
                 tally.add(inputs.to(device), labels)
@@ -265,21 +266,21 @@ def _head(labels: Tensor | None, count: int) -> Tensor | None:
     return None if labels is None else labels[:count]
 
 
-def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor | None]]:
-    """Yield (inputs, labels or None) from a tensor, a dataset or an iterable of batches."""
+def _as_batches(data: Any, batch_size: int) -> Iterable:
     if isinstance(data, Tensor):
         data = TensorDataset(data)
     if isinstance(data, Dataset):
         data = DataLoader(data, batch_size=batch_size)
-    for batch in data:
-        if isinstance(batch, Tensor):
-            yield batch, None
-        elif isinstance(batch, (tuple, list)) and len(batch) == 1:
-            yield batch[0], None
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            yield batch[0], batch[1]
-        else:
-            raise GatekitError(
-                f"cannot read a batch of type {type(batch).__name__}: give inputs, (inputs, labels) "
-                f"pairs, a Dataset of those, or a DataLoader."
-            )
+    return data
+
+
+def _split(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(inputs, labels or None) from a batch of inputs, of (inputs,) or of (inputs, labels)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], Tensor):
+        return batch[0], batch[1] if len(batch) == 2 else None
+    raise GatekitError(
+        f"cannot read a batch of type {type(batch).__name__}: give inputs, (inputs, labels) pairs, "
+        f"a Dataset of those, or a DataLoader."
+    )

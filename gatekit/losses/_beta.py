@@ -7,6 +7,7 @@ derivative in ``x`` is needed by the batch-shaping loss, and it is the Beta pdf.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -51,7 +52,7 @@ def beta_cdf(x: Tensor, alpha: float, beta: float) -> Tensor:
 def check_shape_parameters(alpha: float, beta: float) -> None:
     """Raise GatekitError unless both Beta shape parameters are finite and positive."""
     for name, value in (("alpha", alpha), ("beta", beta)):
-        if not (math.isfinite(value) and value > 0):
+        if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
             raise GatekitError(f"{name}={value!r}: the Beta shape parameters must be positive numbers.")
 
 
@@ -86,15 +87,17 @@ def _incomplete_beta(x: Tensor, alpha: float, beta: float) -> Tensor:
     # x^a (1-x)^b / B(a, b), the prefactor shared by both sides of the symmetry.
     front = torch.exp(alpha * torch.log(safe) + beta * torch.log1p(-safe) - _log_beta(alpha, beta))
     # The continued fraction converges fast only below the distribution's bulk; above it use
-    # I_x(a, b) = 1 - I_{1-x}(b, a).
+    # I_x(a, b) = 1 - I_{1-x}(b, a). Each element is evaluated on its own side only: the other side
+    # may need thousands of terms.
     flipped = safe > (alpha + 1) / (alpha + beta + 2)
-    direct = front * _continued_fraction(safe, alpha, beta) / alpha
-    mirrored = 1 - front * _continued_fraction(1 - safe, beta, alpha) / beta
-    value = torch.where(flipped, mirrored, direct)
+    a = torch.where(flipped, beta, alpha)
+    b = torch.where(flipped, alpha, beta)
+    tail = front * _continued_fraction(torch.where(flipped, 1 - safe, safe), a, b) / a
+    value = torch.where(flipped, 1 - tail, tail)
     return torch.where(interior, value, (x >= 1).to(x.dtype))
 
 
-def _continued_fraction(x: Tensor, a: float, b: float) -> Tensor:
+def _continued_fraction(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """Numerical Recipes ``betacf``: the continued fraction of I_x(a, b), by the modified Lentz method."""
     def guard(values: Tensor) -> Tensor:
         return torch.where(values.abs() < _TINY, torch.full_like(values, _TINY), values)
@@ -115,6 +118,6 @@ def _continued_fraction(x: Tensor, a: float, b: float) -> Tensor:
         if bool(((step - 1).abs() < _TOLERANCE).all()):
             return fraction
     raise GatekitError(
-        f"the incomplete beta continued fraction did not converge in {_MAX_TERMS} terms for "
-        f"Beta({a}, {b}); use shape parameters below a few thousand."
+        f"the incomplete beta continued fraction did not converge in {_MAX_TERMS} terms; use Beta "
+        f"shape parameters below a few thousand."
     )

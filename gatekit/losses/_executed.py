@@ -20,7 +20,7 @@ def executed_layers(gate: Gate) -> Tensor:
     """Per-sample layer decisions, [B]; all ones when the model has no layer gates."""
     if gate.layer_gates is not None:
         return gate.layer_gates
-    return torch.ones(gate.channel_gates.shape[0], device=gate.channel_gates.device)
+    return gate.channel_gates.new_ones(gate.channel_gates.shape[0])
 
 
 def executed_channels(gate: Gate) -> Tensor | None:

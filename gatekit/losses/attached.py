@@ -20,7 +20,7 @@ def gate_loss(model: nn.Module) -> Tensor:
     >>> loss = criterion(gated(images), labels) + gatekit.gate_loss(gated)  # doctest: +SKIP
     """
     regularizer = info_of(model).regularizer
-    if regularizer is None:
+    if regularizer is None or regularizer == []:
         raise GatekitError(
             "no regularizer attached: convert with `regularizer=gatekit.SparsityLoss(layer=..., "
             "channel=...)` (or another gatekit loss), or call that loss directly."

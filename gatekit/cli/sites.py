@@ -1,0 +1,34 @@
+"""``gatekit sites``: where gates would go in a model, before converting it."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """List the residual blocks gatekit finds in a model (dotted names, as `include=` and
+`exclude=` match them), the channels each gate would control, and the convs involved. With --list,
+show the models gatekit can build by name."""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("sites", help="list the residual blocks a model would be gated at",
+                                 description=DESCRIPTION)
+    parser.add_argument("model", nargs="?", help="a model name, e.g. torchvision/resnet50")
+    parser.add_argument("--list", action="store_true", help="list the models gatekit can build by name")
+    parser.set_defaults(run=run)
+
+
+def run(arguments: argparse.Namespace) -> int:
+    import gatekit
+    from gatekit.adapters import example_input, get_model, list_models
+    from gatekit.errors import GatekitError
+
+    if arguments.list:
+        print("\n".join(list_models()))
+        return 0
+    if not arguments.model:
+        raise GatekitError("name a model (e.g. cifar/resnet20), or pass --list to see them.")
+    sites = gatekit.gate_sites(get_model(arguments.model), example_input=example_input(arguments.model))
+    width = max(len(site.name) for site in sites)
+    print(f"{'block':<{width}}  channels  first conv -> consumer  (shortcut)")
+    for site in sites:
+        print(f"{site.name:<{width}}  {site.channels:8d}  {site.first_conv} -> {site.consumer}  ({site.shortcut})")
+    return 0
