@@ -13,6 +13,7 @@ from .losses import (
 from .checkpoint import load, save
 from .optim import param_groups
 from .profiler import BlockProfile, Profile, profile
+from .sparse import sparse
 from .stats import BlockStats, gate_stats, summarize
 from .temperature import TemperatureSchedule, set_temperature
 

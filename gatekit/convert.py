@@ -15,7 +15,7 @@ from ._shapes import propagate_shapes
 from .blocks import GateSite, find_gate_sites
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
-from .gated_model import GATE_MODES, SOURCE_ATTRIBUTE, GatekitInfo, gate_key
+from .gated_model import GATE_MODES, SOURCE_ATTRIBUTE, GatekitInfo, attach_info, gate_key
 from .macs import node_macs
 
 
@@ -88,7 +88,7 @@ def convert(
         _insert_gate(graph_module.graph, nodes, site, channel_head, layer_head)
     graph_module.graph.lint()
     graph_module.recompile()
-    graph_module.gatekit = GatekitInfo(
+    attach_info(graph_module, GatekitInfo(
         mode=gates,
         sites=tuple(sites),
         dense_macs=dense_macs,
@@ -99,7 +99,7 @@ def convert(
             init_bias=init_bias, hidden=hidden,
         ),
         source=getattr(model, SOURCE_ATTRIBUTE, None),
-    )
+    ))
     return graph_module.train(model.training)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch.fx as fx
 from torch import Tensor, nn
 
 from .blocks import GateSite
@@ -37,6 +38,12 @@ class GatekitInfo:
     regularizer: Callable[[nn.Module], Tensor] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     source: tuple[str, dict[str, Any]] | None = None
+
+
+def attach_info(graph_module: fx.GraphModule, info: GatekitInfo) -> None:
+    """Set ``graph_module.gatekit``, and have torch.fx keep it through ``copy.deepcopy``."""
+    graph_module.gatekit = info
+    graph_module.meta.setdefault("_user_preserved_attributes", {})["gatekit"] = info
 
 
 def info_of(model: nn.Module) -> GatekitInfo:

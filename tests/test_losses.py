@@ -18,15 +18,6 @@ from gatekit.macs import measure_costs
 BATCH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # ResNet8 on 8 CIFAR images is too small to split: on a busy 2-core machine, two threads
-    # waiting on each other made each forward 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gated_resnet8(gates: str = "channel+layer", **options) -> nn.Module:
     return gatekit.convert(

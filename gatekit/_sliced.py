@@ -1,0 +1,140 @@
+"""Modules that run a layer on a subset of channels, sharing the weights of the layer they wrap.
+
+Each takes ``(x, active)``: ``x`` holds only the channels listed in the int64 tensor ``active``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _conv(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    convolve = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+    return convolve(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def can_slice(conv: nn.modules.conv._ConvNd) -> bool:
+    """Zero padding only: other padding modes would need their own functional call."""
+    return conv.padding_mode == "zeros"
+
+
+class OutputSlicedConv(nn.Module):
+    """A conv computing only the output channels ``active`` (the first conv, or a depthwise conv)."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
+        super().__init__()
+        self.conv = conv
+        self.depthwise = conv.groups > 1
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        bias = self.conv.bias.index_select(0, active) if self.conv.bias is not None else None
+        groups = active.numel() if self.depthwise else 1
+        return _conv(self.conv, x, self.conv.weight.index_select(0, active), bias, groups)
+
+
+class InputSlicedConv(nn.Module):
+    """A conv reading only the input channels ``active`` (the consumer of the gated channels)."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        return _conv(self.conv, x, self.conv.weight.index_select(1, active), self.conv.bias, 1)
+
+
+class GroupedInputSlicedConv(nn.Module):
+    """A grouped conv reading only the input channels ``active``: one conv per group that has any.
+
+    MAC-exact (each group costs its active channels), but one call per group: slow for many groups.
+    """
+
+    def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        conv = self.conv
+        inputs_per_group = conv.in_channels // conv.groups
+        outputs_per_group = conv.out_channels // conv.groups
+        group_of = active // inputs_per_group
+        pieces: list[Tensor | None] = []
+        for group in range(conv.groups):
+            positions = (group_of == group).nonzero().flatten()
+            if positions.numel() == 0:
+                pieces.append(None)
+                continue
+            rows = slice(group * outputs_per_group, (group + 1) * outputs_per_group)
+            weight = conv.weight[rows].index_select(1, active.index_select(0, positions) - group * inputs_per_group)
+            bias = conv.bias[rows] if conv.bias is not None else None
+            pieces.append(_conv(conv, x.index_select(1, positions), weight, bias, 1))
+        template = next(piece for piece in pieces if piece is not None)
+        return torch.cat([piece if piece is not None else self._idle(template, group) for group, piece in enumerate(pieces)], 1)
+
+    def _idle(self, template: Tensor, group: int) -> Tensor:
+        """Output of a group none of whose inputs is active: its bias, or zeros."""
+        outputs_per_group = self.conv.out_channels // self.conv.groups
+        idle = template.new_zeros(template.shape)
+        if self.conv.bias is not None:
+            bias = self.conv.bias[group * outputs_per_group : (group + 1) * outputs_per_group]
+            idle += bias.view((1, -1) + (1,) * (template.dim() - 2))
+        return idle
+
+
+class SlicedBatchNorm(nn.Module):
+    """Eval-mode batch norm on the channels ``active``."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        norm = self.norm
+        weight = norm.weight.index_select(0, active) if norm.weight is not None else None
+        bias = norm.bias.index_select(0, active) if norm.bias is not None else None
+        return F.batch_norm(
+            x, norm.running_mean.index_select(0, active), norm.running_var.index_select(0, active),
+            weight, bias, False, 0.0, norm.eps,
+        )
+
+
+class Widened(nn.Module):
+    """A module that cannot be sliced, run at full width: exact, but it saves nothing on that module.
+
+    ``widen_input`` puts the active channels back among zero channels first (the module reads
+    the gated channels); ``select_output`` keeps only the active channels of its output (the module
+    produces them). A missing module only widens: the branch goes on at full width.
+    """
+
+    def __init__(self, module: nn.Module | None, channels: int, *, widen_input: bool, select_output: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.channels = channels
+        self.widen_input, self.select_output = widen_input, select_output
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        if self.widen_input:
+            x = x.new_zeros((x.shape[0], self.channels) + x.shape[2:]).index_copy_(1, active, x)
+        if self.module is not None:
+            x = self.module(x)
+        return x.index_select(1, active) if self.select_output else x
+
+
+def sliced(module: nn.Module | None, role: str, channels: int) -> nn.Module:
+    """The wrapper running ``module`` on active channels only, for its role: "first", "chain",
+    "consumer", or "widen" (no consumer: return to full width)."""
+    is_conv = isinstance(module, nn.modules.conv._ConvNd) and can_slice(module)
+    if role == "first" and is_conv and module.groups == 1:
+        return OutputSlicedConv(module)
+    if role == "chain" and is_conv and module.groups == module.in_channels == module.out_channels:
+        return OutputSlicedConv(module)
+    if role == "chain" and type(module) in _PLAIN_BATCH_NORMS and module.track_running_stats:
+        return SlicedBatchNorm(module)
+    if role == "consumer" and is_conv:
+        return InputSlicedConv(module) if module.groups == 1 else GroupedInputSlicedConv(module)
+    return Widened(module, channels, widen_input=role != "first", select_output=role in ("first", "chain"))
+
+
+# Exactly these types: subclasses (timm's BatchNormAct2d) add work after the normalisation.
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
