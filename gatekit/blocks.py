@@ -81,10 +81,6 @@ def is_conv(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     )
 
 
-def _out_channels(graph_module: fx.GraphModule, conv: fx.Node) -> int:
-    return graph_module.get_submodule(conv.target).out_channels
-
-
 def _is_depthwise(module: nn.Module) -> bool:
     return (
         isinstance(module, nn.modules.conv._ConvNd)
@@ -195,20 +191,11 @@ def find_gate_sites(graph_module: fx.GraphModule) -> list[GateSite]:
         if not convs or not _is_closed(ancestry, block_input, branch | shortcut):
             continue
         first_conv = convs[0]
-        chain_end, channelwise_ops, consumer = first_conv, [], None
-        while len(chain_end.users) == 1:
-            (user,) = chain_end.users
-            if user not in branch:
-                break
-            if not _is_channelwise(graph_module, user):
-                consumer = user if is_conv(graph_module, user) else None
-                break
-            channelwise_ops.append(user)
-            chain_end = user
-        channels = _out_channels(graph_module, first_conv)
+        channelwise_ops, consumer = _channel_chain(graph_module, first_conv, branch)
+        chain_end = channelwise_ops[-1] if channelwise_ops else first_conv
+        channels = graph_module.get_submodule(first_conv.target).out_channels
         scaled = [first_conv] + [n for n in channelwise_ops if n.op == "call_module"]
-        if consumer is not None and graph_module.get_submodule(consumer.target).in_channels == channels:
-            scaled.append(consumer)
+        scaled += [consumer] if consumer is not None else []
         found.append((add, dict(
             in_channels=int(block_input.meta["tensor_meta"].shape[1]),
             channels=channels,
@@ -226,6 +213,27 @@ def find_gate_sites(graph_module: fx.GraphModule) -> list[GateSite]:
             scaled_layers=tuple(n.name for n in scaled if n in macs),
         )))
     return [GateSite(name=name, **fields) for name, (add, fields) in zip(_block_names([a for a, _ in found]), found)]
+
+
+def _channel_chain(
+    graph_module: fx.GraphModule, first_conv: fx.Node, branch: set[fx.Node]
+) -> tuple[list[fx.Node], fx.Node | None]:
+    """The channel-wise ops after the first conv, and the conv that mixes its channels next (or None).
+
+    The walk stops at a node with several users: an op that reads the gated channels together
+    (a squeeze-excitation, say) sees them after the gate.
+    """
+    chain: list[fx.Node] = []
+    end = first_conv
+    while len(end.users) == 1:
+        (user,) = end.users
+        if user not in branch:
+            break
+        if not _is_channelwise(graph_module, user):
+            return chain, user if is_conv(graph_module, user) else None
+        chain.append(user)
+        end = user
+    return chain, None
 
 
 def _shortcut_kind(graph_module: fx.GraphModule, shortcut: set[fx.Node]) -> str:

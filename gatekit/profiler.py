@@ -107,7 +107,9 @@ class Profile:
         import matplotlib.pyplot as plt
 
         figure, (histogram, rates) = plt.subplots(1, 2, figsize=(12, 4))
-        histogram.hist([m / 1e6 for m in self.per_sample_macs], bins=40)
+        # A fixed range from zero keeps narrow distributions visible next to the dense line.
+        top = max(self.dense_macs, max(self.per_sample_macs)) * 1.02 / 1e6
+        histogram.hist([m / 1e6 for m in self.per_sample_macs], bins=50, range=(0, top))
         histogram.axvline(self.dense_macs / 1e6, color="black", linestyle="--", label="dense")
         histogram.set(xlabel="MMACs per sample", ylabel="samples", title="Per-sample MACs")
         histogram.legend()
