@@ -64,6 +64,7 @@ class Exploit:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hand-made malicious pickle
 @pytest.mark.parametrize("content, match", [
     (None, "no checkpoint"),
     (b"", "not a readable"),
