@@ -177,3 +177,18 @@ def test_dense_macs_of_resnet20():
     assert gated.gatekit.dense_macs == expected == 40_551_040
     first = gated.gatekit.sites[0]
     assert first.branch_macs == first.channel_macs == 2 * 2_359_296
+
+
+def test_training_decisions_follow_the_seed_and_eval_decisions_ignore_it():
+    gated = gatekit.convert(ToyResNet(), example_input=X[:1], init_bias=0.0).train()
+    images = torch.randn(32, 3, 16, 16)
+
+    def decisions(seed):
+        torch.manual_seed(seed)
+        gated(images)
+        return [g.channel_gates.clone() for g in gatekit.gates_of(gated).values()]
+
+    assert all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(7)))
+    assert not all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(8)))
+    gated.eval()
+    assert all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(8)))
