@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
                    seconds=round(time.perf_counter() - started, 1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    gatekit.save(gated, args.out / "model.pt")
     print(f"summary: {args.out / 'summary.json'} ({summary['seconds']} s)")
+    print(f"profile it: gatekit profile {args.out / 'model.pt'} --dataset {args.dataset} --split {args.eval_split}")
     return summary
 
 
