@@ -5,9 +5,10 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sliced import sliced
+from ._sliced import WeightCache, can_fold, memory_format_of, sliced
 from .blocks import GateSite
 from .errors import GatekitError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
@@ -16,29 +17,44 @@ from .gated_model import attach_info, gate_key, info_of
 STRATEGIES = ("union", "per-sample")
 
 
-def sparse(model: nn.Module, *, strategy: str = "union") -> fx.GraphModule:
+def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) -> fx.GraphModule:
     """Return an eval-only model sharing ``model``'s weights that runs only what the gates keep.
 
     A block whose layer gate is 0 does not run for that sample. A running block computes its first
     conv, the channel-wise ops after it and its consumer conv on the active filters only (weights
-    sliced), and the rest of its branch as usual. Within a batch, each block runs only on the samples
-    that execute it; samples with different channel sets are handled by ``strategy``:
+    sliced; a batch norm right after the first conv is folded into the sliced weights), and the rest
+    of its branch as usual. Within a batch, each block runs only on the samples that execute it;
+    samples with different channel sets are handled by ``strategy``:
 
     - ``"union"``: one pass over the union of the active channels, each sample's own channels
       masked inside it (exact; costs the union's MACs);
-    - ``"per-sample"``: one pass per sample with its own channels (exact MACs, more passes).
+    - ``"per-sample"``: each sample runs its own channels (exact MACs); samples that keep the same
+      set share one pass.
 
-    Outputs equal the gated model's in eval mode up to float rounding.
+    Outputs equal the gated model's in eval mode up to float rounding. The sparse blocks compute
+    the gates' decisions themselves: a sparse forward leaves ``gate.layer_gates`` and the other
+    records of the last forward untouched, so run the gated model for :func:`gatekit.dynamic_macs`.
+    Measured speed: docs/sparse.md.
+
+    Args:
+        model: a gated model from :func:`gatekit.convert`.
+        strategy: ``"union"`` or ``"per-sample"``, above.
+        cache_size: how many channel sets each sliced conv keeps the sliced weights of (least
+            recently used out; 0 slices on every call). An entry costs at most the conv's weights
+            in memory; all are dropped when a weight is changed in place or replaced.
 
     Raises:
         NotConvertedError: the model has no gates.
-        GatekitError: an unknown strategy, or a branch whose intermediate values are used outside it.
+        GatekitError: an unknown strategy, a negative cache size, or a branch whose intermediate
+            values are used outside it.
 
     >>> fast = gatekit.sparse(gated)  # doctest: +SKIP
     >>> fast(image)  # same as gated.eval()(image), skipping closed blocks and filters  # doctest: +SKIP
     """
     if strategy not in STRATEGIES:
         raise GatekitError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    if cache_size < 0:
+        raise GatekitError(f"cache_size={cache_size}: use 0 (no cache) or a positive number of channel sets.")
     info = info_of(model)
     graph = fx.Graph()
     outputs = graph.graph_copy(model.graph, {})
@@ -48,7 +64,7 @@ def sparse(model: nn.Module, *, strategy: str = "union") -> fx.GraphModule:
     for site in info.sites:
         key = gate_key(site.name)
         gate = model.gatekit_gates[key]
-        sparse_blocks[key] = SparseBlock(gate, _branch_graph(model, graph, nodes, site, gate), strategy)
+        sparse_blocks[key] = SparseBlock(gate, _branch_graph(model, graph, nodes, site, gate, cache_size), strategy)
         _route_through(graph, nodes, site, key)
     root = nn.Module()  # the gated model's modules and tensors, shared, plus the sparse blocks
     root._modules.update(model._modules)
@@ -66,45 +82,94 @@ def sparse(model: nn.Module, *, strategy: str = "union") -> fx.GraphModule:
 class SparseBlock(nn.Module):
     """Gate a block's input, then run its branch on the executing samples and active channels only.
 
-    Returns the branch output at full batch size, zeros for skipped samples (a zero scalar when the
-    whole batch skips the block), ready to be added to the shortcut.
+    Given the shortcut, returns the block's sum: the shortcut, plus the branch output on the samples
+    that execute the block. Without it, returns the branch output at full batch size, zeros for
+    skipped samples (a zero scalar when the whole batch skips the block).
     """
 
     def __init__(self, gate: Gate, branch: fx.GraphModule, strategy: str) -> None:
         super().__init__()
         self.gate, self.branch, self.strategy = gate, branch, strategy
+        self.heads = WeightCache(1)
 
     def train(self, mode: bool = True) -> SparseBlock:
         if mode:
             raise GatekitError("a sparse model is for inference; finetune the gated model instead.")
         return super().train(False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        channel_gates, layer_gates = self.gate(x)
+    def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
+        channel_gates, layer_gates = self._decide(x)
         rows = None if layer_gates is None else layer_gates.nonzero().flatten()
         if rows is not None and rows.numel() == 0:
-            return x.new_zeros(())
+            return x.new_zeros(()) if shortcut is None else shortcut.clone()
         if rows is not None and rows.numel() == x.shape[0]:
             rows = None
-        inputs = x if rows is None else x.index_select(0, rows)
+        inputs = x if rows is None else x[rows]  # indexing keeps a channels-last layout; index_select does not
         if channel_gates is None:
             output = self.branch(inputs)
         else:
             channel_gates = channel_gates if rows is None else channel_gates.index_select(0, rows)
             output = self._run_channels(inputs, channel_gates)
         if rows is None:
-            return output
-        return output.new_zeros((x.shape[0],) + output.shape[1:]).index_copy_(0, rows, output)
+            return output if shortcut is None else output + shortcut
+        if shortcut is None:
+            return _new_batch(output, x.shape[0], zeros=True).index_copy_(0, rows, output)
+        return shortcut.index_add(0, rows, output)
+
+    def _decide(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The gate's eval-mode decisions as bool tensors: channel [B, N] or None, layer [B] or None.
+
+        What ``Gate.forward`` computes in eval mode, in fewer calls: both heads in one matrix
+        product, and none of the logits and decisions a Gate keeps on itself for the losses (at
+        batch 1 that bookkeeping cost more than the gate's arithmetic).
+        """
+        gate = self.gate
+        hidden = F.linear(x.flatten(2).mean(2), gate.fc.weight, gate.fc.bias).relu_()
+        decisions = F.linear(hidden, *self._joined_heads()) > 0
+        channel = decisions[:, : gate.channels] if gate.channel_head is not None else None
+        layer = decisions[:, -1] if gate.layer_head is not None else None
+        return channel, layer
+
+    def _joined_heads(self) -> tuple[Tensor, Tensor]:
+        """Weight and bias of the channel head, then the layer head, as one linear layer."""
+        heads = [head for head in (self.gate.channel_head, self.gate.layer_head) if head is not None]
+        weights, biases = [head.weight for head in heads], [head.bias for head in heads]
+        return self.heads.get(tuple(weights + biases), b"", lambda: (torch.cat(weights), torch.cat(biases)))
 
     def _run_channels(self, inputs: Tensor, channel_gates: Tensor) -> Tensor:
-        if self.strategy == "per-sample" and inputs.shape[0] > 1:
-            return torch.cat([self._run_channels(inputs[i : i + 1], channel_gates[i : i + 1]) for i in range(inputs.shape[0])])
-        active = channel_gates.amax(0).nonzero().flatten()
+        if self.strategy == "union" or inputs.shape[0] == 1:
+            return self._run_union(inputs, channel_gates)
+        # Per sample, but the samples that keep the same channels share one pass.
+        channel_sets, set_of_sample = torch.unique(channel_gates, dim=0, return_inverse=True)
+        if channel_sets.shape[0] == 1:
+            return self._run_union(inputs, channel_gates)
+        output = None
+        for index in range(channel_sets.shape[0]):
+            samples = (set_of_sample == index).nonzero().flatten()
+            piece = self._run_union(inputs[samples], channel_sets[index : index + 1])
+            if output is None:
+                output = _new_batch(piece, inputs.shape[0])
+            output.index_copy_(0, samples, piece)
+        return output
+
+    def _run_union(self, inputs: Tensor, channel_gates: Tensor) -> Tensor:
+        """One pass over the channels any sample keeps, each sample's own channels masked inside it."""
+        single = channel_gates.shape[0] == 1
+        active = (channel_gates[0] if single else channel_gates.any(0)).nonzero().flatten()
         if active.numel() == 0:
             # Convolutions take no empty weights: run one channel and mask it to zero.
-            active = active.new_zeros(1)
+            return self.branch(inputs, active.new_zeros(1), inputs.new_zeros(inputs.shape[0], 1))
+        if single:  # one sample, or samples sharing one set: every active channel is kept
+            return self.branch(inputs, active, None)
         mask = channel_gates.index_select(1, active)
-        return self.branch(inputs, active, None if bool(mask.all()) else mask)
+        return self.branch(inputs, active, None if bool(mask.all()) else mask.to(inputs.dtype))
+
+
+def _new_batch(like: Tensor, batch: int, *, zeros: bool = False) -> Tensor:
+    """A batch of ``batch`` samples shaped like those of ``like``, in its dtype, device and layout."""
+    shape = (batch,) + like.shape[1:]
+    empty = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
+    return empty.zero_() if zeros else empty
 
 
 def _mask_channels(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -112,7 +177,9 @@ def _mask_channels(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else apply_channel_gate(x, mask)
 
 
-def _branch_graph(model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, gate: Gate) -> fx.GraphModule:
+def _branch_graph(
+    model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, gate: Gate, cache_size: int
+) -> fx.GraphModule:
     """Copy a block's branch into its own GraphModule taking (x[, active, mask]), layers sliced."""
     block_input, add = nodes[site.block_input_node], nodes[site.add_node]
     branch_output = add.args[_branch_index(add, nodes[site.branch_output_node])]
@@ -127,6 +194,7 @@ def _branch_graph(model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.No
     active = new_graph.placeholder("active") if gated else None
     mask = new_graph.placeholder("mask") if gated else None
     roles = _channel_roles(model, nodes, site) if gated else {}
+    folded = _folded_norm(model, roles)
     for node in branch:
         if node.op == "call_function" and node.target is apply_layer_gate:
             env[node] = env[node.args[0]]
@@ -136,9 +204,13 @@ def _branch_graph(model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.No
             if site.consumer is None:  # no consumer reads the reduced width: widen it back here
                 modules[f"widen_{len(modules)}"] = sliced(None, "widen", site.channels)
                 env[node] = new_graph.call_module(f"widen_{len(modules) - 1}", (masked, active))
+        elif node is folded:  # already applied by the first conv
+            env[node] = env[node.args[0]]
         elif node in roles:
             name = f"sliced_{len(modules)}"
-            modules[name] = sliced(model.get_submodule(node.target), roles[node], site.channels)
+            norm = model.get_submodule(folded.target) if folded is not None and roles[node] == "first" else None
+            module = model.get_submodule(node.target)
+            modules[name] = sliced(module, roles[node], site.channels, norm=norm, cache_size=cache_size)
             env[node] = new_graph.call_module(name, (env[node.args[0]], active))
         else:
             env[node] = new_graph.node_copy(node, lambda n: env[n])
@@ -146,6 +218,15 @@ def _branch_graph(model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.No
                 modules[node.target] = model.get_submodule(node.target)
     new_graph.output(env[branch_output])
     return fx.GraphModule(modules, new_graph, "Branch")
+
+
+def _folded_norm(model: fx.GraphModule, roles: dict[fx.Node, str]) -> fx.Node | None:
+    """The batch norm right after the first conv, if it can be folded into the conv's sliced weights."""
+    first = next((node for node, role in roles.items() if role == "first"), None)
+    follower = next((node for node, role in roles.items() if role == "chain"), None)
+    if first is None or follower is None or follower.args[0] is not first:
+        return None
+    return follower if can_fold(model.get_submodule(first.target), model.get_submodule(follower.target)) else None
 
 
 def _channel_roles(model: fx.GraphModule, nodes: dict[str, fx.Node], site: GateSite) -> dict[fx.Node, str]:
@@ -165,16 +246,18 @@ def _channel_roles(model: fx.GraphModule, nodes: dict[str, fx.Node], site: GateS
 
 
 def _route_through(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, key: str) -> None:
-    """Replace the gated branch feeding the block's add by the SparseBlock's output."""
+    """Replace the block's residual add by its SparseBlock, which adds the shortcut itself."""
     add = nodes[site.add_node]
-    with graph.inserting_before(add):
-        block = graph.call_module(f"gatekit_sparse_blocks.{key}", (nodes[site.block_input_node],))
-    args = list(add.args)
     index = _branch_index(add, nodes[site.branch_output_node])
-    args[index] = block
-    # A zero scalar cannot be added to in place: every residual add becomes an out-of-place one.
+    args = list(add.args)
     with graph.inserting_before(add):
-        replacement = graph.call_function(torch.add if add.kwargs else operator.add, tuple(args), dict(add.kwargs))
+        if add.kwargs:  # torch.add(..., alpha=...): the block returns the branch, the add stays
+            args[index] = graph.call_module(f"gatekit_sparse_blocks.{key}", (nodes[site.block_input_node],))
+            # A zero scalar cannot be added to in place: the add becomes an out-of-place one.
+            replacement = graph.call_function(torch.add, tuple(args), dict(add.kwargs))
+        else:
+            shortcut = args[1 - index]
+            replacement = graph.call_module(f"gatekit_sparse_blocks.{key}", (nodes[site.block_input_node], shortcut))
     add.replace_all_uses_with(replacement)
     graph.erase_node(add)
     nodes[site.add_node] = replacement
