@@ -4,7 +4,7 @@ For each model, sparsity level and batch size this times, side by side:
 
 - ``dense``: the original model;
 - ``masked``: the gated model in eval mode (computes everything, multiplies by the decisions);
-- ``sparse``: ``gatekit.sparse(gated)`` (union strategy), and at batch > 1 also ``sparse-ps``
+- ``sparse``: ``gatekit.sparse(gated)`` (union strategy), and at batch > 1 also ``per_sample``
   (``strategy="per-sample"``);
 - ``static``: the original model pruned with Torch-Pruning to the same per-block channel counts,
   its closed blocks' branches removed: a dense model with physically smaller layers and the same MACs.
@@ -18,12 +18,15 @@ themselves: their images carry a group-specific pattern, and each gate's first l
 solved (least squares on the group means of its pooled input) so that hidden unit ``g`` is 1 for
 group ``g`` and 0 otherwise; its heads then map each group to its decisions with logits of +-50.
 Every decision, every per-sample MAC count and the outputs (sparse = masked, static = masked on
-group 0) are checked before timing.
+group 0) are checked on 8 images before timing; larger batches repeat those 8 images.
+
+Latencies are medians over repeats; speedups and ratios are medians of the ratios within each
+repeat, which hold up better when other processes load the machine.
 
 Usage (from the repository root; needs the ``bench`` extra: ``pip install -e .[bench]``)::
 
-    python benchmarks/sparse_speed.py            # full run, under 10 minutes on 2 CPU cores
-    python benchmarks/sparse_speed.py --quick    # smoke test, a few seconds per model
+    python benchmarks/sparse_speed.py            # full run, 5 to 7 minutes on 2 CPU cores
+    python benchmarks/sparse_speed.py --quick    # smoke test (batch 1 and 8), about 2 minutes
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -127,7 +131,8 @@ def group_images(shape: tuple[int, ...], count: int = 2 * GROUPS, seed: int = 0)
     """``count`` random images, sample ``s`` in group ``s % GROUPS``; each group shares a strong
     pattern of its own, so that gates can tell the groups apart."""
     generator = torch.Generator().manual_seed(seed)
-    patterns = torch.randn((GROUPS,) + shape, generator=generator) + 2 * torch.randn(GROUPS, shape[0], 1, 1, generator=generator)
+    patterns = torch.randn((GROUPS,) + shape, generator=generator)
+    patterns += 2 * torch.randn(GROUPS, shape[0], 1, 1, generator=generator)
     return patterns[torch.arange(count) % GROUPS] + 0.3 * torch.randn((count,) + shape, generator=generator)
 
 
@@ -207,7 +212,9 @@ def static_model(model: nn.Module, gated: nn.Module, plan: Plan, example: Tensor
     return model.eval()
 
 
-def time_variants(variants: dict[str, Callable[[], Tensor]], repeats: int, min_seconds: float) -> dict[str, list[float]]:
+def time_variants(
+    variants: dict[str, Callable[[], Tensor]], repeats: int, min_seconds: float
+) -> dict[str, list[float]]:
     """Seconds per call of each variant in each repeat; repeats interleave the variants (rotating order).
 
     One warmup call each; calls are looped within a repeat until it lasts ``min_seconds``.
@@ -241,7 +248,8 @@ def prepare(model: nn.Module, level: float, images: Tensor) -> dict:
     masked_output = check_decisions(gated, plan, images)
     macs = gatekit.dynamic_macs(gated)
     if not bool((macs == plan_macs(gated, plan)).all()):
-        raise RuntimeError(f"level {level}: dynamic MACs {macs.tolist()} differ from the plan's {plan_macs(gated, plan)}")
+        planned = plan_macs(gated, plan)
+        raise RuntimeError(f"level {level}: dynamic MACs {macs.tolist()} differ from the plan's {planned}")
     models = dict(
         masked=gated, sparse=gatekit.sparse(gated), per_sample=gatekit.sparse(gated, strategy="per-sample"),
         static=static_model(model, gated, plan, images[:1]),
@@ -279,7 +287,8 @@ def run_model(
                 del variants[f"per_sample@{level}"]
         inputs = batch_of(images, batch).contiguous(memory_format=layout)
         with torch.inference_mode():
-            times = time_variants({key: _caller(module, inputs) for key, module in variants.items()}, repeats[batch], min_seconds)
+            callers = {key: _caller(module, inputs) for key, module in variants.items()}
+            times = time_variants(callers, repeats[batch], min_seconds)
         rows += [_row(name, batch, level, case, dense_macs, times) for level, case in cases.items()]
     return rows
 
@@ -297,7 +306,8 @@ def _row(name: str, batch: int, level: float, case: dict, dense_macs: int, times
         model=name, batch=batch, target=level, mac_fraction=case["macs"] / dense_macs,
         closed_blocks=case["closed_blocks"], mean_channel_keep=case["mean_channel_keep"], ideal_speedup=ideal,
     )
-    for key, samples in (("dense", dense), ("masked", times["masked"]), ("static", static), ("sparse", union), ("per_sample", per_sample)):
+    latencies = dict(dense=dense, masked=times["masked"], static=static, sparse=union, per_sample=per_sample)
+    for key, samples in latencies.items():
         row[f"{key}_ms"] = 1e3 * statistics.median(samples)
     for key, samples in (("static", static), ("sparse", union), ("per_sample", per_sample)):
         row[f"{key}_speedup"] = paired_ratio(dense, samples)
@@ -311,9 +321,11 @@ COLUMNS = (  # header, row key, format
     ("model", "model", "<9"), ("batch", "batch", ">5"), ("MACs", "mac_fraction", ">5.0%"),
     ("dense ms", "dense_ms", ">9.1f"), ("masked", "masked_ms", ">8.1f"), ("static", "static_ms", ">8.1f"),
     ("union", "sparse_ms", ">8.1f"), ("per-smp", "per_sample_ms", ">8.1f"), ("ideal x", "ideal_speedup", ">7.2f"),
-    ("static x", "static_speedup", ">8.2f"), ("union x", "sparse_speedup", ">7.2f"), ("p-s x", "per_sample_speedup", ">6.2f"),
+    ("static x", "static_speedup", ">8.2f"), ("union x", "sparse_speedup", ">7.2f"),
+    ("p-s x", "per_sample_speedup", ">6.2f"),
     ("un/st", "sparse_over_static", ">6.2f"), ("ps/st", "per_sample_over_static", ">6.2f"),
-    ("st/ideal", "static_of_ideal", ">8.0%"), ("un/ideal", "sparse_of_ideal", ">8.0%"), ("ps/ideal", "per_sample_of_ideal", ">8.0%"),
+    ("st/ideal", "static_of_ideal", ">8.0%"), ("un/ideal", "sparse_of_ideal", ">8.0%"),
+    ("ps/ideal", "per_sample_of_ideal", ">8.0%"),
 )
 
 
@@ -325,10 +337,12 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    model_name = next((line.split(":", 1)[1].strip() for line in _lscpu() if line.startswith("Model name")), platform.processor())
+    names = [line.split(":", 1)[1].strip() for line in _lscpu() if line.startswith("Model name")]
     return dict(
-        cpu=model_name, threads=torch.get_num_threads(), torch=torch.__version__, gatekit=gatekit.__version__,
-        torch_pruning=torch_pruning.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        cpu=names[0] if names else platform.processor(), threads=torch.get_num_threads(),
+        torch=torch.__version__, gatekit=gatekit.__version__,
+        torch_pruning=metadata.version("torch-pruning"),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         host=platform.node(), omp_wait_policy=os.environ["OMP_WAIT_POLICY"], load_average=os.getloadavg(),
     )
 

@@ -27,7 +27,7 @@ Derived = tuple[Tensor | None, ...]
 
 
 class WeightCache:
-    """Tensors derived from a layer's weights (slices, folded norms), for the last ``size`` keys.
+    """Tensors derived from a layer's weights (slices), for the last ``size`` keys.
 
     Slicing gathers the weights on every call; a channel set that comes back (a saturated gate, a
     batch whose union covers every channel) reuses its slice. Entries go least recently used first,
@@ -87,44 +87,22 @@ def _laid_out_like(weight: Tensor, sliced: Tensor) -> Tensor:
 
 
 class OutputSlicedConv(nn.Module):
-    """A conv computing only the output channels ``active`` (the first conv, or a depthwise conv).
+    """A conv computing only the output channels ``active`` (the first conv, or a depthwise conv)."""
 
-    With ``norm``, the eval-mode batch norm after the conv is folded into the sliced weights
-    (``w * gamma / sqrt(var + eps)``, bias ``beta - mean * gamma / sqrt(var + eps)``): one op
-    instead of two, equal up to float rounding.
-    """
-
-    def __init__(
-        self, conv: nn.modules.conv._ConvNd, norm: nn.modules.batchnorm._BatchNorm | None = None, *, cache_size: int = 0
-    ) -> None:
+    def __init__(self, conv: nn.modules.conv._ConvNd, *, cache_size: int = 0) -> None:
         super().__init__()
-        self.conv, self.norm = conv, norm
+        self.conv = conv
         self.depthwise = conv.groups > 1
         self.cache = WeightCache(cache_size)
 
     def forward(self, x: Tensor, active: Tensor) -> Tensor:
-        sources = (self.conv.weight, self.conv.bias)
-        if self.norm is not None:
-            norm = self.norm
-            sources += (norm.weight, norm.bias, norm.running_mean, norm.running_var)
-        weight, bias = self.cache.get(sources, channel_key(active), lambda: self._slice(active))
-        groups = active.numel() if self.depthwise else 1
-        return _conv(self.conv, x, weight, bias, groups)
+        conv = self.conv
+        weight, bias = self.cache.get((conv.weight, conv.bias), channel_key(active), lambda: self._slice(active))
+        return _conv(conv, x, weight, bias, active.numel() if self.depthwise else 1)
 
     def _slice(self, active: Tensor) -> tuple[Tensor, Tensor | None]:
         weight = _laid_out_like(self.conv.weight, self.conv.weight.index_select(0, active))
-        bias = self.conv.bias.index_select(0, active) if self.conv.bias is not None else None
-        if self.norm is None:
-            return weight, bias
-        norm = self.norm
-        scale = norm.running_var.index_select(0, active).add(norm.eps).rsqrt()
-        if norm.weight is not None:
-            scale = scale * norm.weight.index_select(0, active)
-        mean = norm.running_mean.index_select(0, active)
-        shift = (-mean if bias is None else bias - mean) * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias.index_select(0, active)
-        return weight * scale.view((-1,) + (1,) * (weight.dim() - 1)), shift
+        return weight, self.conv.bias.index_select(0, active) if self.conv.bias is not None else None
 
 
 class InputSlicedConv(nn.Module):
@@ -220,15 +198,12 @@ class Widened(nn.Module):
         return x.index_select(1, active) if self.select_output else x
 
 
-def sliced(
-    module: nn.Module | None, role: str, channels: int, *, norm: nn.Module | None = None, cache_size: int = 0
-) -> nn.Module:
+def sliced(module: nn.Module | None, role: str, channels: int, *, cache_size: int = 0) -> nn.Module:
     """The wrapper running ``module`` on active channels only, for its role: "first", "chain",
-    "consumer", or "widen" (no consumer: return to full width). ``norm``: a batch norm following a
-    "first" conv, to fold into it (see :func:`can_fold`); ``cache_size``: see :class:`WeightCache`."""
+    "consumer", or "widen" (no consumer: return to full width); ``cache_size``: see :class:`WeightCache`."""
     is_conv = isinstance(module, nn.modules.conv._ConvNd) and can_slice(module)
     if role == "first" and is_conv and module.groups == 1:
-        return OutputSlicedConv(module, norm, cache_size=cache_size)
+        return OutputSlicedConv(module, cache_size=cache_size)
     if role == "chain" and is_conv and module.groups == module.in_channels == module.out_channels:
         return OutputSlicedConv(module, cache_size=cache_size)
     if role == "chain" and is_plain_norm(module):
@@ -238,12 +213,6 @@ def sliced(
             return InputSlicedConv(module, cache_size=cache_size)
         return GroupedInputSlicedConv(module)
     return Widened(module, channels, widen_input=role != "first", select_output=role in ("first", "chain"))
-
-
-def can_fold(conv: nn.Module, norm: nn.Module) -> bool:
-    """Whether ``norm`` can be folded into the sliced first conv ``conv`` it follows."""
-    is_conv = isinstance(conv, nn.modules.conv._ConvNd) and can_slice(conv) and conv.groups == 1
-    return is_conv and is_plain_norm(norm)
 
 
 def is_plain_norm(module: nn.Module | None) -> bool:

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sliced import WeightCache, can_fold, memory_format_of, sliced
+from ._sliced import WeightCache, memory_format_of, sliced
 from .blocks import GateSite
 from .errors import GatekitError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
@@ -22,9 +22,8 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
 
     A block whose layer gate is 0 does not run for that sample. A running block computes its first
     conv, the channel-wise ops after it and its consumer conv on the active filters only (weights
-    sliced; a batch norm right after the first conv is folded into the sliced weights), and the rest
-    of its branch as usual. Within a batch, each block runs only on the samples that execute it;
-    samples with different channel sets are handled by ``strategy``:
+    sliced), and the rest of its branch as usual. Within a batch, each block runs only on the samples
+    that execute it; samples with different channel sets are handled by ``strategy``:
 
     - ``"union"``: one pass over the union of the active channels, each sample's own channels
       masked inside it (exact; costs the union's MACs);
@@ -194,7 +193,6 @@ def _branch_graph(
     active = new_graph.placeholder("active") if gated else None
     mask = new_graph.placeholder("mask") if gated else None
     roles = _channel_roles(model, nodes, site) if gated else {}
-    folded = _folded_norm(model, roles)
     for node in branch:
         if node.op == "call_function" and node.target is apply_layer_gate:
             env[node] = env[node.args[0]]
@@ -204,13 +202,9 @@ def _branch_graph(
             if site.consumer is None:  # no consumer reads the reduced width: widen it back here
                 modules[f"widen_{len(modules)}"] = sliced(None, "widen", site.channels)
                 env[node] = new_graph.call_module(f"widen_{len(modules) - 1}", (masked, active))
-        elif node is folded:  # already applied by the first conv
-            env[node] = env[node.args[0]]
         elif node in roles:
             name = f"sliced_{len(modules)}"
-            norm = model.get_submodule(folded.target) if folded is not None and roles[node] == "first" else None
-            module = model.get_submodule(node.target)
-            modules[name] = sliced(module, roles[node], site.channels, norm=norm, cache_size=cache_size)
+            modules[name] = sliced(model.get_submodule(node.target), roles[node], site.channels, cache_size=cache_size)
             env[node] = new_graph.call_module(name, (env[node.args[0]], active))
         else:
             env[node] = new_graph.node_copy(node, lambda n: env[n])
@@ -218,15 +212,6 @@ def _branch_graph(
                 modules[node.target] = model.get_submodule(node.target)
     new_graph.output(env[branch_output])
     return fx.GraphModule(modules, new_graph, "Branch")
-
-
-def _folded_norm(model: fx.GraphModule, roles: dict[fx.Node, str]) -> fx.Node | None:
-    """The batch norm right after the first conv, if it can be folded into the conv's sliced weights."""
-    first = next((node for node, role in roles.items() if role == "first"), None)
-    follower = next((node for node, role in roles.items() if role == "chain"), None)
-    if first is None or follower is None or follower.args[0] is not first:
-        return None
-    return follower if can_fold(model.get_submodule(first.target), model.get_submodule(follower.target)) else None
 
 
 def _channel_roles(model: fx.GraphModule, nodes: dict[str, fx.Node], site: GateSite) -> dict[fx.Node, str]:
