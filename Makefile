@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 # The torch build this project is developed and tested with; override to use another.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test
+.PHONY: setup demo test docs
 
 setup: $(VENV)/.installed
 
@@ -19,3 +19,6 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -m "not slow" -q
+
+docs: setup
+	$(PYTHON) -m mkdocs build --strict

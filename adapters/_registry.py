@@ -15,7 +15,7 @@ from gatekit.errors import GatekitError
 from gatekit.gated_model import SOURCE_ATTRIBUTE
 
 ENTRY_POINT_GROUP = "gatekit.adapters"
-_BUILTIN_ADAPTERS = ("cifar_resnet", "torchvision_resnet", "timm_resnet")
+_BUILTIN_ADAPTERS = ("cifar_resnet", "torchvision_resnet", "timm_resnet", "torchvision_models", "timm_models")
 
 
 @dataclass(frozen=True)

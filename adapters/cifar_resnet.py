@@ -3,11 +3,17 @@
 Depth 6n + 2: a 3x3 stem conv with 16 filters, three stages of n basic blocks with 16, 32 and 64
 filters (stride 2 where the stage starts), global average pooling and a linear classifier.
 
+``widths`` sets each block's inner width (the filters of its first conv) for statically pruned
+variants: a ResNet20 whose block-internal channels were pruned is ``cifar/resnet20`` with
+``widths=[...]``, so it saves, loads and profiles like any registered model.
+
 Shortcuts where the shape changes: option "A" (the default, as in the paper's CIFAR experiments)
 subsamples and zero-pads the channels, adding no parameters; option "B" uses a 1x1 projection conv
 with batch norm.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,11 +38,12 @@ class ZeroPadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str, width: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        width = width or planes
+        self.conv1 = nn.Conv2d(in_planes, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
@@ -57,13 +64,24 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) of He et al. 2016 for small images."""
 
-    def __init__(self, depth: int = 20, *, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> None:
+    def __init__(
+        self, depth: int = 20, *, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A",
+        widths: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise GatekitError(f"CIFAR ResNet depth {depth} is not 6n + 2 of the paper; use one of {DEPTHS}.")
         if shortcut not in ("A", "B"):
             raise GatekitError(f"shortcut={shortcut!r}: use 'A' (zero padding) or 'B' (projection).")
         blocks_per_stage = (depth - 2) // 6
+        if widths is not None and (
+            len(widths) != 3 * blocks_per_stage or not all(isinstance(w, int) and w > 0 for w in widths)
+        ):
+            raise GatekitError(
+                f"widths={widths!r}: give one positive int per block ({3 * blocks_per_stage} for depth {depth}), "
+                f"the number of filters of its first conv."
+            )
+        block_widths = iter(widths or [None] * (3 * blocks_per_stage))
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
@@ -71,7 +89,7 @@ class CifarResNet(nn.Module):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for index in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_planes, planes, stride if index == 0 else 1, shortcut))
+                blocks.append(BasicBlock(in_planes, planes, stride if index == 0 else 1, shortcut, next(block_widths)))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

@@ -267,7 +267,8 @@ def prepare(model: nn.Module, level: float, images: Tensor) -> dict:
 
 
 def run_model(
-    name: str, batches: tuple[int, ...], repeats: dict[int, int], min_seconds: float, layout: torch.memory_format
+    name: str, batches: tuple[int, ...], repeats: dict[int, int], min_seconds: float, layout: torch.memory_format,
+    device: torch.device,
 ) -> list[dict]:
     """Time every variant of one model at every level and batch size; one row per level and batch."""
     model_name, shape = MODELS[name]
@@ -276,7 +277,7 @@ def run_model(
     dense_macs = gatekit.macs.static_macs(model, images[:1])
     cases = {level: prepare(model, level, images) for level in LEVELS}
     for module in [model] + [m for case in cases.values() for m in case["models"].values()]:
-        module.to(memory_format=layout)  # in place: sparse models keep sharing the gated weights
+        module.to(device=device, memory_format=layout)  # in place: sparse models keep sharing the gated weights
     rows = []
     for batch in batches:
         # The masked model computes every block whatever its gates decide: timed at one level.
@@ -285,16 +286,24 @@ def run_model(
             variants.update({f"{kind}@{level}": case["models"][kind] for kind in ("sparse", "per_sample", "static")})
             if batch == 1:  # one sample: both strategies run the same passes
                 del variants[f"per_sample@{level}"]
-        inputs = batch_of(images, batch).contiguous(memory_format=layout)
+        inputs = batch_of(images, batch).to(device).contiguous(memory_format=layout)
         with torch.inference_mode():
-            callers = {key: _caller(module, inputs) for key, module in variants.items()}
+            callers = {key: _caller(module, inputs, device) for key, module in variants.items()}
             times = time_variants(callers, repeats[batch], min_seconds)
         rows += [_row(name, batch, level, case, dense_macs, times) for level, case in cases.items()]
     return rows
 
 
-def _caller(module: nn.Module, inputs: Tensor) -> Callable[[], Tensor]:
-    return lambda: module(inputs)
+def _caller(module: nn.Module, inputs: Tensor, device: torch.device) -> Callable[[], Tensor]:
+    if device.type != "cuda":
+        return lambda: module(inputs)
+
+    def call() -> Tensor:  # a latency includes the kernels, not only their launch
+        output = module(inputs)
+        torch.cuda.synchronize()
+        return output
+
+    return call
 
 
 def _row(name: str, batch: int, level: float, case: dict, dense_macs: int, times: dict[str, list[float]]) -> dict:
@@ -340,6 +349,7 @@ def machine() -> dict:
     names = [line.split(":", 1)[1].strip() for line in _lscpu() if line.startswith("Model name")]
     return dict(
         cpu=names[0] if names else platform.processor(), threads=torch.get_num_threads(),
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         torch=torch.__version__, gatekit=gatekit.__version__,
         torch_pruning=metadata.version("torch-pruning"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -360,6 +370,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true", help="run every model and input channels-last")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (models are prepared on CPU, then moved)")
     parser.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/sparse_speed_<date>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -367,20 +378,22 @@ def main() -> None:
     load_at_start = os.getloadavg()
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
-    for name in args.models:
-        started = time.perf_counter()
-        rows += run_model(name, batches, repeats, min_seconds, layout)
-        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
-    print(table(rows))
     day = datetime.date.today().isoformat()
     variant = ("quick_" if args.quick else "") + ("channels_last_" if args.channels_last else "")
+    variant += "cuda_" if args.device.startswith("cuda") else ""
     output = args.output or RESULTS / f"sparse_speed_{variant}{day}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(
-        command=" ".join(sys.argv), quick=args.quick, channels_last=args.channels_last, batches=batches,
+        command=" ".join(sys.argv), quick=args.quick, channels_last=args.channels_last, device=args.device, batches=batches,
         repeats=repeats, min_seconds=min_seconds, load_average_at_start=load_at_start,
     )
-    output.write_text(json.dumps(dict(machine=machine(), settings=settings, rows=rows), indent=2))
+    for name in args.models:
+        started = time.perf_counter()
+        rows += run_model(name, batches, repeats, min_seconds, layout, torch.device(args.device))
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+        # Saved after every model: a run cut short still leaves what it measured.
+        output.write_text(json.dumps(dict(machine=machine(), settings=settings, rows=rows), indent=2))
+    print(table(rows))
     print(f"saved {output}")
 
 

@@ -32,12 +32,23 @@ def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_inp
         raise GatekitError(
             f"{type(model).__name__} failed at '{propagation.current}' on an example input of shape "
             f"{tuple(example_input.shape)}: {type(cause).__name__}: {cause}\n"
-            f"Hint: pass `example_input=` a tensor the model accepts."
+            f"Hint: {_input_hint(model, example_input)}"
         ) from error
     finally:
         for module, training in modes.items():
             module.training = training
     return example_input
+
+
+def _input_hint(model: nn.Module, example_input: Tensor) -> str:
+    weight = next(iter(model.parameters()), None)
+    if weight is not None and (weight.dtype, weight.device) != (example_input.dtype, example_input.device):
+        return (
+            f"the model's parameters are {weight.dtype} on {weight.device}, the example input "
+            f"{example_input.dtype} on {example_input.device}: pass `example_input=` in the model's "
+            f"dtype and device (`x.to(next(model.parameters()))`)."
+        )
+    return "pass `example_input=` a tensor the model accepts."
 
 
 class _ShapeProp(ShapeProp):
@@ -56,6 +67,15 @@ def _default_example_input(model: nn.Module) -> Tensor:
         raise NoResidualBlockError(
             f"{type(model).__name__} has no convolution, so it has no residual block to gate."
         )
-    spatial = (224,) * len(first_conv.kernel_size)
     weight = first_conv.weight
+    from .gated_model import SOURCE_ATTRIBUTE  # imported here: gated_model imports this module's users
+
+    source = getattr(model, SOURCE_ATTRIBUTE, None)
+    if source is not None:  # built by gatekit.adapters.get_model: measure at its registered input size
+        from .adapters import model_entry
+
+        size = model_entry(source[0]).input_size
+        if size[0] == first_conv.in_channels:
+            return torch.randn(1, *size, device=weight.device, dtype=weight.dtype)
+    spatial = (224,) * len(first_conv.kernel_size)
     return torch.randn(1, first_conv.in_channels, *spatial, device=weight.device, dtype=weight.dtype)

@@ -18,6 +18,22 @@ def _conv(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor
     return convolve(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
 
 
+def _output_spatial(conv: nn.modules.conv._ConvNd, x: Tensor) -> torch.Size:
+    """Spatial size of ``conv``'s output on ``x``, at no cost: the same conv on zero samples (any
+    padding mode or string, no arithmetic to keep in step with torch)."""
+    probe = x.new_zeros((0, 1) + x.shape[2:])
+    return _conv(conv, probe, conv.weight[:1, :1], None, 1).shape[2:]
+
+
+def _no_channel_output(conv: nn.modules.conv._ConvNd, x: Tensor, channels: int, bias: Tensor | None) -> Tensor:
+    """What ``conv`` outputs when no gated channel is active. torch has no conv with an empty weight,
+    and running one channel only to mask it would cost MACs that dynamic_macs does not count."""
+    output = x.new_zeros((x.shape[0], channels) + _output_spatial(conv, x))
+    if bias is not None:
+        output += bias.view((1, -1) + (1,) * (output.dim() - 2))
+    return output
+
+
 def can_slice(conv: nn.modules.conv._ConvNd) -> bool:
     """Zero padding only: other padding modes would need their own functional call."""
     return conv.padding_mode == "zeros"
@@ -97,12 +113,54 @@ class OutputSlicedConv(nn.Module):
 
     def forward(self, x: Tensor, active: Tensor) -> Tensor:
         conv = self.conv
+        if active.numel() == 0:
+            return _no_channel_output(conv, x, 0, None)
         weight, bias = self.cache.get((conv.weight, conv.bias), channel_key(active), lambda: self._slice(active))
         return _conv(conv, x, weight, bias, active.numel() if self.depthwise else 1)
 
     def _slice(self, active: Tensor) -> tuple[Tensor, Tensor | None]:
         weight = _laid_out_like(self.conv.weight, self.conv.weight.index_select(0, active))
         return weight, self.conv.bias.index_select(0, active) if self.conv.bias is not None else None
+
+
+class SelectedDepthwiseConv(OutputSlicedConv):
+    """A depthwise conv that makes the gated channels itself (the first layer of a block without an
+    expansion): it reads the full input, so it picks the active input channels first."""
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        return super().forward(x.index_select(1, active), active)
+
+
+class OutputSlicedLinear(nn.Module):
+    """A linear layer computing only the output features ``active`` (channels last, as in ConvNeXt)."""
+
+    def __init__(self, linear: nn.Linear, *, cache_size: int = 0) -> None:
+        super().__init__()
+        self.linear = linear
+        self.cache = WeightCache(cache_size)
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        linear = self.linear
+        weight, bias = self.cache.get((linear.weight, linear.bias), channel_key(active), lambda: self._slice(active))
+        return F.linear(x, weight, bias)
+
+    def _slice(self, active: Tensor) -> tuple[Tensor, Tensor | None]:
+        bias = self.linear.bias.index_select(0, active) if self.linear.bias is not None else None
+        return self.linear.weight.index_select(0, active), bias
+
+
+class InputSlicedLinear(nn.Module):
+    """A linear layer reading only the input features ``active``."""
+
+    def __init__(self, linear: nn.Linear, *, cache_size: int = 0) -> None:
+        super().__init__()
+        self.linear = linear
+        self.cache = WeightCache(cache_size)
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        weights = self.linear.weight
+        (weight,) = self.cache.get((weights,), channel_key(active), lambda: (weights.index_select(1, active),))
+        return F.linear(x, weight, self.linear.bias)
 
 
 class InputSlicedConv(nn.Module):
@@ -114,6 +172,8 @@ class InputSlicedConv(nn.Module):
         self.cache = WeightCache(cache_size)
 
     def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        if active.numel() == 0:  # every input channel is zero
+            return _no_channel_output(self.conv, x, self.conv.out_channels, self.conv.bias)
         (weight,) = self.cache.get((self.conv.weight,), channel_key(active), lambda: self._slice(active))
         return _conv(self.conv, x, weight, self.conv.bias, 1)
 
@@ -133,6 +193,8 @@ class GroupedInputSlicedConv(nn.Module):
 
     def forward(self, x: Tensor, active: Tensor) -> Tensor:
         conv = self.conv
+        if active.numel() == 0:  # every input channel is zero
+            return _no_channel_output(conv, x, conv.out_channels, conv.bias)
         inputs_per_group = conv.in_channels // conv.groups
         outputs_per_group = conv.out_channels // conv.groups
         group_of = active // inputs_per_group
@@ -159,6 +221,29 @@ class GroupedInputSlicedConv(nn.Module):
         return idle
 
 
+class GroupedOutputSlicedConv(nn.Module):
+    """A grouped conv computing only the output channels ``active``: one conv per group that has
+    any, each on its group's input channels (MAC-exact, one call per group)."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+        conv = self.conv
+        if active.numel() == 0:
+            return _no_channel_output(conv, x, 0, None)
+        inputs_per_group = conv.in_channels // conv.groups
+        group_of = active // (conv.out_channels // conv.groups)
+        pieces = []
+        for group in group_of.unique().tolist():  # ascending, as ``active`` is: the order is kept
+            outputs = active[group_of == group]
+            bias = conv.bias.index_select(0, outputs) if conv.bias is not None else None
+            inputs = x[:, group * inputs_per_group : (group + 1) * inputs_per_group]
+            pieces.append(_conv(conv, inputs, conv.weight.index_select(0, outputs), bias, 1))
+        return torch.cat(pieces, 1)
+
+
 class SlicedBatchNorm(nn.Module):
     """Eval-mode batch norm on the channels ``active``."""
 
@@ -168,6 +253,8 @@ class SlicedBatchNorm(nn.Module):
 
     def forward(self, x: Tensor, active: Tensor) -> Tensor:
         norm = self.norm
+        if active.numel() == 0:  # batch norm refuses zero channels, and there is nothing to normalise
+            return x
         weight = norm.weight.index_select(0, active) if norm.weight is not None else None
         bias = norm.bias.index_select(0, active) if norm.bias is not None else None
         return F.batch_norm(
@@ -204,6 +291,13 @@ def sliced(module: nn.Module | None, role: str, channels: int, *, cache_size: in
     is_conv = isinstance(module, nn.modules.conv._ConvNd) and can_slice(module)
     if role == "first" and is_conv and module.groups == 1:
         return OutputSlicedConv(module, cache_size=cache_size)
+    if role == "first" and is_conv and module.groups == module.in_channels == module.out_channels:
+        return SelectedDepthwiseConv(module, cache_size=cache_size)
+    if role == "first" and is_conv:  # grouped, not depthwise
+        return GroupedOutputSlicedConv(module)
+    if isinstance(module, nn.Linear) and role in ("first", "consumer"):
+        wrapper = OutputSlicedLinear if role == "first" else InputSlicedLinear
+        return wrapper(module, cache_size=cache_size)
     if role == "chain" and is_conv and module.groups == module.in_channels == module.out_channels:
         return OutputSlicedConv(module, cache_size=cache_size)
     if role == "chain" and is_plain_norm(module):
@@ -220,4 +314,5 @@ def is_plain_norm(module: nn.Module | None) -> bool:
 
 
 # Exactly these types: subclasses (timm's BatchNormAct2d) add work after the normalisation.
-_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# SyncBatchNorm (a model finetuned with DDP) normalises with its running statistics in eval, as these do.
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

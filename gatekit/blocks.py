@@ -12,48 +12,28 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from .channel_path import gated_path, is_conv, layer_width
+from .channel_path import register_channelwise_module  # noqa: F401  (adapters import it from here)
 from .macs import node_macs
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 
-# Ops that act on each channel on its own: a channel zeroed before them stays irrelevant after them.
-_CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.Dropout, nn.Dropout2d, nn.Identity,
-    nn.MaxPool2d, nn.AvgPool2d,
-)
-_CHANNELWISE_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.elu, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool2d, F.avg_pool2d,
-}
-_CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
-
-
-def register_channelwise_module(module_type: type[nn.Module]) -> type[nn.Module]:
-    """Declare that ``module_type`` treats each channel on its own (a drop-path, a norm, ...).
-
-    Channel gates are placed after such modules, so that skipped channels skip them too.
-    """
-    global _CHANNELWISE_MODULES
-    _CHANNELWISE_MODULES = _CHANNELWISE_MODULES + (module_type,)
-    return module_type
-
 
 @dataclass(frozen=True)
 class GateSite:
-    """Where one gate goes: a residual block and the filters of its branch's first conv.
+    """Where one gate goes: a residual block, and the layer of its branch whose filters the channel
+    gate turns off (``first_conv``: a conv, or a linear layer in ConvNeXt blocks; chosen as
+    docs/design.md says, usually the branch's first conv).
 
     ``name`` is the dotted path of the module whose forward holds the residual add. Node fields are
     fx node names of the traced model; module fields are dotted module paths. ``branch_macs`` is the
     per-sample cost of the whole branch with every gate open; ``shortcut`` is ``"identity"``,
     ``"projection"`` (holds a conv) or ``"parameter-free"`` (pooling, padding); ``channel_macs`` is the part of it that
-    shrinks in proportion to the channels left on (first conv, depthwise convs after it, consumer).
+    shrinks in proportion to the channels left on (that layer, depthwise convs after it, the two
+    layers of a squeeze-excitation on its channels, the consumer).
     ``branch_layers`` and ``scaled_layers`` name the conv/linear nodes behind those two numbers, so
     the costs can be measured again at another input size.
     """
@@ -73,30 +53,13 @@ class GateSite:
     channel_macs: int
     branch_layers: tuple[str, ...]
     scaled_layers: tuple[str, ...]
-
-
-def is_conv(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(
-        graph_module.get_submodule(node.target), nn.modules.conv._ConvNd
-    )
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.modules.conv._ConvNd)
-        and module.groups == module.in_channels == module.out_channels
-    )
-
-
-def _is_channelwise(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        module = graph_module.get_submodule(node.target)
-        return isinstance(module, _CHANNELWISE_MODULES) or _is_depthwise(module)
-    if node.op == "call_function":
-        return node.target in _CHANNELWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _CHANNELWISE_METHODS
-    return False
+    # How sparse execution slices each layer the gated channels pass: (fx node name, role), role
+    # "first" (computes them: output channels), "chain" (per-channel: depthwise conv, norm) or
+    # "consumer" (reads them: input channels). A squeeze-excitation on them adds its two layers.
+    sliced_layers: tuple[tuple[str, str], ...] = ()
+    # Where the gated channels are: dimension 1 (N, C, ...) after a conv, the last one after a linear
+    # layer (ConvNeXt's pointwise layers run on channels-last tensors).
+    channel_dim: int = 1
 
 
 def _is_residual_add(node: fx.Node) -> bool:
@@ -190,50 +153,29 @@ def find_gate_sites(graph_module: fx.GraphModule) -> list[GateSite]:
         convs = sorted((n for n in branch if is_conv(graph_module, n)), key=ancestry.order.__getitem__)
         if not convs or not _is_closed(ancestry, block_input, branch | shortcut):
             continue
-        first_conv = convs[0]
-        channelwise_ops, consumer = _channel_chain(graph_module, first_conv, branch)
-        chain_end = channelwise_ops[-1] if channelwise_ops else first_conv
-        channels = graph_module.get_submodule(first_conv.target).out_channels
-        scaled = [first_conv] + [n for n in channelwise_ops if n.op == "call_module"]
-        scaled += [consumer] if consumer is not None else []
+        ordered = sorted(branch, key=ancestry.order.__getitem__)
+        path = gated_path(graph_module, block_input, branch_output, ordered, convs[0])
+        consumer = path.consumer
+        scaled = list(path.roles)  # the layers whose cost follows the number of channels on
         found.append((add, dict(
             in_channels=int(block_input.meta["tensor_meta"].shape[1]),
-            channels=channels,
-            first_conv=first_conv.target,
-            channelwise_ops=tuple(_describe(n) for n in channelwise_ops),
+            channels=layer_width(graph_module.get_submodule(path.layer.target)),
+            first_conv=path.layer.target,
+            channelwise_ops=tuple(_describe(n) for n in path.ops),
             consumer=consumer.target if consumer is not None else None,
             shortcut=_shortcut_kind(graph_module, shortcut),
             block_input_node=block_input.name,
-            channel_gate_node=chain_end.name,
+            channel_gate_node=path.mask_after.name,
             branch_output_node=branch_output.name,
             add_node=add.name,
             branch_macs=sum(macs.get(n, 0) for n in branch),
             channel_macs=sum(macs.get(n, 0) for n in scaled),
-            branch_layers=tuple(n.name for n in sorted(branch, key=ancestry.order.__getitem__) if n in macs),
+            branch_layers=tuple(n.name for n in ordered if n in macs),
             scaled_layers=tuple(n.name for n in scaled if n in macs),
+            sliced_layers=tuple((n.name, role) for n, role in path.roles.items()),
+            channel_dim=path.channel_dim,
         )))
     return [GateSite(name=name, **fields) for name, (add, fields) in zip(_block_names([a for a, _ in found]), found)]
-
-
-def _channel_chain(
-    graph_module: fx.GraphModule, first_conv: fx.Node, branch: set[fx.Node]
-) -> tuple[list[fx.Node], fx.Node | None]:
-    """The channel-wise ops after the first conv, and the conv that mixes its channels next (or None).
-
-    The walk stops at a node with several users: an op that reads the gated channels together
-    (a squeeze-excitation, say) sees them after the gate.
-    """
-    chain: list[fx.Node] = []
-    end = first_conv
-    while len(end.users) == 1:
-        (user,) = end.users
-        if user not in branch:
-            break
-        if not _is_channelwise(graph_module, user):
-            return chain, user if is_conv(graph_module, user) else None
-        chain.append(user)
-        end = user
-    return chain, None
 
 
 def _shortcut_kind(graph_module: fx.GraphModule, shortcut: set[fx.Node]) -> str:

@@ -1,14 +1,20 @@
-"""Saving and loading gated models: weights plus what is needed to rebuild them, and no code."""
+"""Saving and loading models: weights plus what is needed to rebuild them, and no code.
+
+Gated models are the main case; dense models built with ``gatekit.adapters.get_model`` save too, so
+that baselines are profiled the same way (``convert_options`` is then ``None``).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._devices import usable_device
 from .errors import GatekitError
-from .gated_model import info_of
+from .gated_model import SOURCE_ATTRIBUTE, unwrapped
 
 FORMAT = "gatekit-checkpoint"
 FORMAT_VERSION = 1
@@ -17,27 +23,34 @@ _WEIGHT_ARGUMENTS = ("weights", "pretrained")
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a gated model to ``path``: its state_dict, how to build and convert it, gatekit's version.
+    """Write a model to ``path``: its state_dict, how to build (and convert) it, gatekit's version.
 
-    The model must come from a registered builder (``gatekit.adapters.get_model``) so that
-    :func:`load` can rebuild it without running code stored in the file.
+    The model must come from a registered builder (``gatekit.adapters.get_model``), converted or
+    not, so that :func:`load` can rebuild it without running code stored in the file.
 
     Raises:
-        NotConvertedError: the model has no gates.
         GatekitError: the model was not built through ``gatekit.adapters.get_model``.
 
     >>> save(gatekit.convert(get_model("cifar/resnet20")), "resnet20-gated.pt")  # doctest: +SKIP
     """
     from . import __version__
 
-    info = info_of(model)
-    if info.source is None:
+    from .adapters import model_entry
+
+    if not isinstance(model, nn.Module):
+        raise GatekitError(f"gatekit.save writes a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrapped(model)  # DistributedDataParallel and the like: save the model inside
+    info = getattr(model, "gatekit", None)
+    source = info.source if info is not None else getattr(model, SOURCE_ATTRIBUTE, None)
+    if source is None:
         raise GatekitError(
             "gatekit.save needs to know how to rebuild the model: build it with "
             "`gatekit.adapters.get_model(name, ...)` (register your own builder with "
             "`gatekit.adapters.register_model`), or save `model.state_dict()` yourself."
         )
-    name, kwargs = info.source
+    name, kwargs = source
+    state_dict = model.state_dict()
+    input_shape = info.input_shape if info is not None else (1, *model_entry(name).input_size)
     torch.save(
         {
             "format": FORMAT,
@@ -45,31 +58,43 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "gatekit_version": __version__,
             "model": name,
             "model_kwargs": {k: v for k, v in kwargs.items() if k not in _WEIGHT_ARGUMENTS},
-            "convert_options": dict(info.options),
-            "input_shape": list(info.input_shape),
-            "state_dict": model.state_dict(),
+            "convert_options": dict(info.options) if info is not None else None,
+            "input_shape": list(input_shape),
+            "state_dict": state_dict,
+            "checksum": _checksum(state_dict),
         },
         path,
     )
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a gated model saved by :func:`save`, in eval mode.
+    """Rebuild a model saved by :func:`save` (gated, or dense if it was saved dense), in eval mode.
 
     The file is read with ``torch.load(weights_only=True)``: tensors and plain data only, so a
     malicious file cannot run code.
 
     Raises:
-        GatekitError: missing, truncated or corrupt file; not a gatekit checkpoint; a format this
-            gatekit does not read; weights that do not fit the rebuilt model.
+        GatekitError: missing, truncated or corrupt file (weights are checked against a checksum
+            written with them); not a gatekit checkpoint; a format, model or option this gatekit
+            does not know; weights that do not fit the rebuilt model; ``map_location`` a device
+            this machine lacks.
     """
     from .adapters import get_model
     from .convert import convert
 
+    if isinstance(map_location, (str, torch.device)):  # a missing GPU would read as a corrupt file
+        usable_device(map_location, "map_location")
     checkpoint = _read(path, map_location)
-    model = get_model(checkpoint["model"], **checkpoint["model_kwargs"])
     example_input = torch.zeros(checkpoint["input_shape"])
-    gated = convert(model, example_input=example_input, **checkpoint["convert_options"])
+    options = checkpoint["convert_options"]
+    try:
+        model = get_model(checkpoint["model"], **checkpoint["model_kwargs"])
+        gated = model if options is None else convert(model, example_input=example_input, **options)
+    except TypeError as error:  # an argument this gatekit or this model does not take
+        raise GatekitError(
+            f"{path} was written by gatekit {checkpoint.get('gatekit_version')} with arguments this "
+            f"gatekit cannot rebuild {checkpoint['model']} from: {error}. Load it with that version."
+        ) from error
     try:
         gated.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -98,4 +123,40 @@ def _read(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
             f"{checkpoint.get('gatekit_version')}); this gatekit reads format {FORMAT_VERSION}. "
             f"Load it with the gatekit version that wrote it."
         )
+    _check_fields(path, checkpoint)
+    if "checksum" in checkpoint and checkpoint["checksum"] != _checksum(checkpoint["state_dict"]):
+        raise GatekitError(
+            f"{path} is corrupt: its weights do not match the checksum written with them (the file "
+            f"was damaged or edited after gatekit.save). Save the model again, or use another copy."
+        )
     return checkpoint
+
+
+# Each field load() reads, and the types it must have.
+_FIELDS = {
+    "model": str, "model_kwargs": dict, "convert_options": (dict, type(None)), "input_shape": list,
+    "state_dict": dict,
+}
+
+
+def _check_fields(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    for name, kind in _FIELDS.items():
+        if name not in checkpoint or not isinstance(checkpoint[name], kind):
+            problem = "lacks" if name not in checkpoint else "has a malformed"
+            raise GatekitError(
+                f"{path} {problem} '{name}' field: it was not written by gatekit.save, or was edited. "
+                f"Save the model again with gatekit.save."
+            )
+    if not all(isinstance(size, int) and size > 0 for size in checkpoint["input_shape"]):
+        raise GatekitError(f"{path} has a malformed 'input_shape' field: {checkpoint['input_shape']!r}.")
+
+
+def _checksum(state_dict: dict[str, Any]) -> str:
+    """SHA-256 of every entry's name, dtype, shape and bytes. torch.load does not check the zip's
+    CRCs: a damaged byte in a tensor would otherwise load as a silently different weight."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(data.numpy()))
+    return digest.hexdigest()

@@ -40,7 +40,8 @@ def convert(
         model: a residual network; its blocks are found from the traced graph (see docs/design.md).
         gates: ``"channel+layer"`` (the paper's DLCG), ``"channel"`` or ``"layer"`` (ConvNet-AIG).
         example_input: an input the model accepts, used to measure channel counts and MACs; by default
-            a 1 x C x 224 x 224 tensor, C being the first conv's input channels.
+            one of the registered input size for a model from ``gatekit.adapters.get_model``, else a
+            1 x C x 224 x 224 tensor, C being the first conv's input channels.
         include: fnmatch patterns of block names to gate (default: all), see :func:`gate_sites`.
         exclude: fnmatch patterns of block names to leave ungated.
         regularizer: a loss such as ``gatekit.SparsityLoss(layer=0.05, channel=0.1)``, or a list of
@@ -53,7 +54,7 @@ def convert(
         inplace: reuse the model's parameters instead of copying them first.
 
     Returns:
-        A ``torch.fx.GraphModule`` in the model's train/eval mode; ``result.gatekit`` describes the
+        A ``torch.fx.GraphModule``, each module in its train/eval mode; ``result.gatekit`` describes the
         gates, and in eval mode it computes what ``model`` computes until the gates are trained.
 
     Raises:
@@ -100,7 +101,11 @@ def convert(
         ),
         source=getattr(model, SOURCE_ATTRIBUTE, None),
     ))
-    return graph_module.train(model.training)
+    # Every module keeps its own train/eval flag (a finetune may hold its batch norms in eval mode);
+    # the new gates follow the model's.
+    graph_module.training = model.training
+    graph_module.gatekit_gates.train(model.training)
+    return graph_module
 
 
 def gate_sites(
@@ -198,7 +203,8 @@ def _insert_gate(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, cha
     if channel_head:
         gated_channels = nodes[site.channel_gate_node]
         with graph.inserting_after(gated_channels):
-            masked = graph.call_function(apply_channel_gate, (gated_channels, channel_gates))
+            channel_dim = () if site.channel_dim == 1 else (site.channel_dim,)  # dimension 1: the short call
+            masked = graph.call_function(apply_channel_gate, (gated_channels, channel_gates) + channel_dim)
         gated_channels.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
     else:
         graph.erase_node(channel_gates)

@@ -158,6 +158,8 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, source: str, spec: Dat
             f"and N labels, got {images.dtype} images of shape {images.shape} and labels of shape "
             f"{labels.shape}. Replace the data with a correct copy."
         )
+    if len(images) == 0:
+        raise GatekitError(f"{source} holds no images for this split; replace the data with a complete copy.")
     return images, labels
 
 

@@ -19,3 +19,7 @@ class AlreadyConvertedError(GatekitError):
 
 class NotConvertedError(GatekitError):
     """A gated model was needed, but the model has no gatekit gates."""
+
+
+class MissingDependencyError(GatekitError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""

@@ -77,14 +77,25 @@ class Gate(nn.Module):
             if layer is not None
         )
 
+    def __getstate__(self) -> dict:
+        # The last forward's records carry autograd history, which deepcopy and pickle refuse
+        # ("Only Tensors created explicitly by the user ... support the deepcopy protocol"): a copy
+        # of a model in training (an EMA or best-so-far copy) starts without them, as if fresh.
+        state = self.__dict__.copy()
+        state.update(layer_logits=None, channel_logits=None, layer_gates=None, channel_gates=None)
+        return state
+
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
 
 @fx.wrap
-def apply_channel_gate(x: Tensor, gates: Tensor) -> Tensor:
-    """Multiply channel ``c`` of sample ``b`` of an N, C, ... tensor by ``gates[b, c]``."""
-    return x * gates.view(gates.shape + (1,) * (x.dim() - 2))
+def apply_channel_gate(x: Tensor, gates: Tensor, channel_dim: int = 1) -> Tensor:
+    """Multiply channel ``c`` of sample ``b`` by ``gates[b, c]``; channels are dimension 1 of an
+    N, C, ... tensor, or with ``channel_dim=-1`` the last one (a linear layer's features)."""
+    if channel_dim == 1:
+        return x * gates.view(gates.shape + (1,) * (x.dim() - 2))
+    return x * gates.view(gates.shape[:1] + (1,) * (x.dim() - 2) + gates.shape[1:])
 
 
 @fx.wrap

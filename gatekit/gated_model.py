@@ -46,9 +46,21 @@ def attach_info(graph_module: fx.GraphModule, info: GatekitInfo) -> None:
     graph_module.meta.setdefault("_user_preserved_attributes", {})["gatekit"] = info
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel, DataParallel or torch.compile wrappers, so that
+    ``gatekit.gate_loss(ddp_model)`` works as ``gatekit.gate_loss(ddp_model.module)`` does."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def info_of(model: nn.Module) -> GatekitInfo:
     """Return ``model.gatekit``, or raise NotConvertedError naming the fix."""
-    info = getattr(model, "gatekit", None)
+    info = getattr(unwrapped(model), "gatekit", None)
     if not isinstance(info, GatekitInfo):
         raise NotConvertedError(
             f"{type(model).__name__} has no gatekit gates. Convert it first: "
@@ -64,7 +76,7 @@ def gates_of(model: nn.Module) -> dict[str, Gate]:
         NotConvertedError: the model was not made by :func:`gatekit.convert`.
     """
     info = info_of(model)
-    modules = model.gatekit_gates
+    modules = unwrapped(model).gatekit_gates
     return {site.name: modules[gate_key(site.name)] for site in info.sites}
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._shapes import propagate_shapes
@@ -32,15 +33,29 @@ def layer_macs(module: nn.Module, output_shape: tuple[int, ...]) -> int:
     return 0
 
 
+# Layers traced through into a call of their functional form (timm's Linear subclass does this),
+# whose weight is then a get_attr node.
+_FUNCTIONAL_LAYERS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+
+
 def node_macs(graph_module: fx.GraphModule) -> dict[fx.Node, int]:
-    """Per-sample MACs of every conv and linear call_module node of a shape-propagated graph."""
+    """Per-sample MACs of every conv and linear node of a shape-propagated graph: modules, and
+    functional calls whose weight the graph holds."""
     macs = {}
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or "tensor_meta" not in node.meta:
+        if "tensor_meta" not in node.meta:
             continue
-        module = graph_module.get_submodule(node.target)
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            macs[node] = layer_macs(module, tuple(node.meta["tensor_meta"].shape))
+        if node.op == "call_module":
+            module = graph_module.get_submodule(node.target)
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                macs[node] = layer_macs(module, tuple(node.meta["tensor_meta"].shape))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(weight, fx.Node) and "tensor_meta" in weight.meta:
+                # A weight is [out, in] or [out, in / groups, *kernel]: each output element reads
+                # the product of all but its first dimension.
+                inputs_per_output = math.prod(weight.meta["tensor_meta"].shape[1:])
+                macs[node] = math.prod(node.meta["tensor_meta"].shape[1:]) * inputs_per_output
     return macs
 
 

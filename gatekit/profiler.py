@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .dynamic_macs import dynamic_macs
+from ._devices import usable_device
 from .errors import GatekitError
 from .gated_model import GatekitInfo, gates_of
 from .losses._executed import executed_channels, executed_layers
@@ -151,23 +152,34 @@ def profile(
         measured at the data's input size.
 
     Raises:
-        GatekitError: no sample in ``data``, or a batch the model cannot take.
+        GatekitError: not a module; a device that is missing or is not the model's; no sample in
+            ``data``; a batch the model cannot take; NaN gate logits (see :func:`gatekit.dynamic_macs`).
 
     >>> report = profile(gated, test_images, batch_size=256)  # doctest: +SKIP
     >>> print(report.table())  # doctest: +SKIP
     """
-    if device is None:
-        device = next(model.parameters()).device
+    if not isinstance(model, nn.Module):
+        raise GatekitError(f"gatekit.profile takes a torch.nn.Module, got {type(model).__name__}.")
+    model_device = next(iter(model.parameters()), torch.empty(0)).device
+    device = model_device if device is None else usable_device(device)
+    if device != model_device and not (device.index is None and device.type == model_device.type):
+        raise GatekitError(
+            f"device={str(device)!r} but the model's parameters are on {model_device}: move the model "
+            f"first (`model.to({str(device)!r})`), or leave `device` out to run where the model is."
+        )
     tally = _Tally(model)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
-            for batch in tqdm(_as_batches(data, batch_size), disable=not progress, desc="profile", unit="batch"):
+        # Counted in samples, so that a bar stopped by max_samples ends full.
+        bar = tqdm(total=_sample_count(data, max_samples), disable=not progress, desc="profile", unit="sample")
+        with torch.no_grad(), bar:
+            for batch in _as_batches(data, batch_size):
                 inputs, labels = _split(batch)
                 if max_samples is not None:
                     inputs, labels = inputs[: max_samples - tally.samples], _head(labels, max_samples - tally.samples)
                 tally.add(inputs.to(device), labels)
+                bar.update(inputs.shape[0])
                 if max_samples is not None and tally.samples >= max_samples:
                     break
     finally:
@@ -266,6 +278,15 @@ def _forward(model: nn.Module, inputs: Tensor) -> Tensor:
 
 def _head(labels: Tensor | None, count: int) -> Tensor | None:
     return None if labels is None else labels[:count]
+
+
+def _sample_count(data: Any, max_samples: int | None) -> int | None:
+    """Samples a profile will see, for the progress bar; None when the data does not say."""
+    dataset = getattr(data, "dataset", data)  # a DataLoader's dataset
+    count = len(dataset) if isinstance(dataset, (Tensor, Dataset)) and hasattr(dataset, "__len__") else None
+    if max_samples is None:
+        return count
+    return max_samples if count is None else min(count, max_samples)
 
 
 def _as_batches(data: Any, batch_size: int) -> Iterable:

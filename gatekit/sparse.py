@@ -1,6 +1,7 @@
 """gatekit.sparse: an inference form of a gated model that skips the work its gates turn off."""
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -45,7 +46,8 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
     Raises:
         NotConvertedError: the model has no gates.
         GatekitError: an unknown strategy, a negative cache size, or a branch whose intermediate
-            values are used outside it.
+            values are used outside it. When run: a layer it shares with ``model`` is in training
+            mode (the sparse model never changes their modes; call ``model.eval()``).
 
     >>> fast = gatekit.sparse(gated)  # doctest: +SKIP
     >>> fast(image)  # same as gated.eval()(image), skipping closed blocks and filters  # doctest: +SKIP
@@ -63,19 +65,49 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
     for site in info.sites:
         key = gate_key(site.name)
         gate = model.gatekit_gates[key]
-        sparse_blocks[key] = SparseBlock(gate, _branch_graph(model, graph, nodes, site, gate, cache_size), strategy)
+        branch = _branch_graph(model, graph, nodes, site, gate, cache_size, sparse_blocks)
+        sparse_blocks[key] = SparseBlock(gate, branch, strategy)
         _route_through(graph, nodes, site, key)
     root = nn.Module()  # the gated model's modules and tensors, shared, plus the sparse blocks
     root._modules.update(model._modules)
     root._parameters.update(model._parameters)
     root._buffers.update(model._buffers)
     root.gatekit_sparse_blocks = sparse_blocks
-    result = fx.GraphModule(root, graph, f"Sparse{type(model).__name__.removeprefix('Gated')}")
+    result = SparseModel(root, graph, f"Sparse{type(model).__name__.removeprefix('Gated')}")
     result.graph.eliminate_dead_code()
     result.delete_all_unused_submodules()
     result.recompile()
     attach_info(result, info)
-    return result.eval()
+    # The shared modules keep the mode the user gave them (sparse must not flip a model in training
+    # to eval); the sparse model's own modules are for inference, and it refuses to run while a
+    # shared one is in training mode (batch norms would normalise with batch statistics).
+    shared = {module: name for name, module in model.named_modules()}
+    for module in result.modules():
+        if module not in shared:
+            module.training = False
+    mode_dependent = [(name, m) for m, name in shared.items() if name and not isinstance(m, Gate)]
+    result.register_forward_pre_hook(functools.partial(_refuse_training, mode_dependent))
+    return result
+
+
+class SparseModel(fx.GraphModule):
+    """What :func:`sparse` returns: a GraphModule whose ``train``/``eval`` never change the modes of
+    the modules it shares with the gated model (``train()`` raises; ``eval()`` changes nothing)."""
+
+    def train(self, mode: bool = True) -> SparseModel:
+        if mode:
+            raise GatekitError("a sparse model is for inference; finetune the gated model instead.")
+        return self
+
+
+def _refuse_training(modules: list[tuple[str, nn.Module]], model: nn.Module, inputs: tuple) -> None:
+    training = [name for name, module in modules if module.training]
+    if training:
+        raise GatekitError(
+            f"the gated model this sparse model shares its layers with is in training mode "
+            f"({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}): its batch norms would "
+            f"use batch statistics. Call `gated.eval()` before running the sparse model."
+        )
 
 
 class SparseBlock(nn.Module):
@@ -94,7 +126,7 @@ class SparseBlock(nn.Module):
     def train(self, mode: bool = True) -> SparseBlock:
         if mode:
             raise GatekitError("a sparse model is for inference; finetune the gated model instead.")
-        return super().train(False)
+        return self  # its gate and layers are the gated model's: their modes are the user's
 
     def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
         channel_gates, layer_gates = self._decide(x)
@@ -155,10 +187,8 @@ class SparseBlock(nn.Module):
         """One pass over the channels any sample keeps, each sample's own channels masked inside it."""
         single = channel_gates.shape[0] == 1
         active = (channel_gates[0] if single else channel_gates.any(0)).nonzero().flatten()
-        if active.numel() == 0:
-            # Convolutions take no empty weights: run one channel and mask it to zero.
-            return self.branch(inputs, active.new_zeros(1), inputs.new_zeros(inputs.shape[0], 1))
-        if single:  # one sample, or samples sharing one set: every active channel is kept
+        # No channel active: the sliced layers give zero-channel tensors, and the consumer its bias.
+        if single or active.numel() == 0:  # one sample, or samples sharing one set: every active channel is kept
             return self.branch(inputs, active, None)
         mask = channel_gates.index_select(1, active)
         return self.branch(inputs, active, None if bool(mask.all()) else mask.to(inputs.dtype))
@@ -171,16 +201,21 @@ def _new_batch(like: Tensor, batch: int, *, zeros: bool = False) -> Tensor:
     return empty.zero_() if zeros else empty
 
 
-def _mask_channels(x: Tensor, mask: Tensor | None) -> Tensor:
+def _mask_channels(x: Tensor, mask: Tensor | None, channel_dim: int = 1) -> Tensor:
     """Apply per-sample channel decisions within the active set; None means all kept."""
-    return x if mask is None else apply_channel_gate(x, mask)
+    return x if mask is None else apply_channel_gate(x, mask, channel_dim)
 
 
 def _branch_graph(
-    model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, gate: Gate, cache_size: int
+    model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, gate: Gate, cache_size: int,
+    sparse_blocks: nn.ModuleDict,
 ) -> fx.GraphModule:
-    """Copy a block's branch into its own GraphModule taking (x[, active, mask]), layers sliced."""
-    block_input, add = nodes[site.block_input_node], nodes[site.add_node]
+    """Copy a block's branch into its own GraphModule taking (x[, active, mask]), layers sliced.
+
+    A block nested in this one's branch was made sparse first (its add comes first): the copy calls
+    its SparseBlock, from ``sparse_blocks``.
+    """
+    block_input, add = _block_input(nodes, site), nodes[site.add_node]
     branch_output = add.args[_branch_index(add, nodes[site.branch_output_node])]
     members = _between(block_input, branch_output)
     gate_nodes = {n for n in members if _is_gate_node(n)}
@@ -192,12 +227,22 @@ def _branch_graph(
     gated = gate.channel_head is not None
     active = new_graph.placeholder("active") if gated else None
     mask = new_graph.placeholder("mask") if gated else None
-    roles = _channel_roles(model, nodes, site) if gated else {}
+    roles = _channel_roles(nodes, site) if gated else {}
+
+    def copied(node: fx.Node) -> fx.Node:
+        # A tensor the branch reads that does not depend on its input (a layer-scale parameter and
+        # the views of it) is not on the path from the block input: bring it into the branch too.
+        if node not in env:
+            env[node] = new_graph.node_copy(node, copied)
+            if node.op == "get_attr":
+                modules[node.target] = _attribute(model, node.target)
+        return env[node]
+
     for node in branch:
         if node.op == "call_function" and node.target is apply_layer_gate:
             env[node] = env[node.args[0]]
         elif node.op == "call_function" and node.target is apply_channel_gate:
-            masked = new_graph.call_function(_mask_channels, (env[node.args[0]], mask))
+            masked = new_graph.call_function(_mask_channels, (env[node.args[0]], mask, *node.args[2:]))
             env[node] = masked
             if site.consumer is None:  # no consumer reads the reduced width: widen it back here
                 modules[f"widen_{len(modules)}"] = sliced(None, "widen", site.channels)
@@ -207,27 +252,18 @@ def _branch_graph(
             modules[name] = sliced(model.get_submodule(node.target), roles[node], site.channels, cache_size=cache_size)
             env[node] = new_graph.call_module(name, (env[node.args[0]], active))
         else:
-            env[node] = new_graph.node_copy(node, lambda n: env[n])
+            env[node] = new_graph.node_copy(node, copied)
             if node.op == "call_module":
-                modules[node.target] = model.get_submodule(node.target)
+                nested = node.target.removeprefix("gatekit_sparse_blocks.")
+                modules[node.target] = sparse_blocks[nested] if nested != node.target else model.get_submodule(node.target)
     new_graph.output(env[branch_output])
     return fx.GraphModule(modules, new_graph, "Branch")
 
 
-def _channel_roles(model: fx.GraphModule, nodes: dict[str, fx.Node], site: GateSite) -> dict[fx.Node, str]:
-    """Which call_module nodes run on the reduced channels, and how: first conv, chain, consumer."""
-    chain_end = nodes[site.channel_gate_node]
-    node = next(n for n in _upstream(chain_end) if n.op == "call_module" and n.target == site.first_conv)
-    roles = {node: "first"}
-    while node is not chain_end:
-        (node,) = [user for user in node.users if not _is_gate_node(user)]
-        if node.op == "call_module" and _has_state(model.get_submodule(node.target)):
-            roles[node] = "chain"
-    if site.consumer is not None:
-        (masked,) = [u for u in chain_end.users if u.target is apply_channel_gate]
-        (consumer,) = masked.users
-        roles[consumer] = "consumer"
-    return roles
+def _channel_roles(nodes: dict[str, fx.Node], site: GateSite) -> dict[fx.Node, str]:
+    """Which call_module nodes run on the reduced channels, and how: first conv, chain, consumer
+    (a squeeze-excitation on the gated channels adds a consumer and a first); see GateSite."""
+    return {nodes[name]: role for name, role in site.sliced_layers}
 
 
 def _route_through(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, key: str) -> None:
@@ -237,22 +273,33 @@ def _route_through(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, k
     args = list(add.args)
     with graph.inserting_before(add):
         if add.kwargs:  # torch.add(..., alpha=...): the block returns the branch, the add stays
-            args[index] = graph.call_module(f"gatekit_sparse_blocks.{key}", (nodes[site.block_input_node],))
+            args[index] = graph.call_module(f"gatekit_sparse_blocks.{key}", (_block_input(nodes, site),))
             # A zero scalar cannot be added to in place: the add becomes an out-of-place one.
             replacement = graph.call_function(torch.add, tuple(args), dict(add.kwargs))
         else:
             shortcut = args[1 - index]
-            replacement = graph.call_module(f"gatekit_sparse_blocks.{key}", (nodes[site.block_input_node], shortcut))
+            replacement = graph.call_module(f"gatekit_sparse_blocks.{key}", (_block_input(nodes, site), shortcut))
     add.replace_all_uses_with(replacement)
     graph.erase_node(add)
     nodes[site.add_node] = replacement
 
 
+def _block_input(nodes: dict[str, fx.Node], site: GateSite) -> fx.Node:
+    """The node a block reads: its traced input, or that input masked by the channel gate of a
+    block whose branch holds this one (the mask replaced every use of the traced input)."""
+    block_input = nodes[site.block_input_node]
+    masked = [user for user in block_input.users if user.op == "call_function" and user.target is apply_channel_gate]
+    return masked[0] if masked else block_input
+
+
 def _branch_index(add: fx.Node, branch_output: fx.Node) -> int:
-    """Which argument of the residual add is the (layer-gated) branch."""
+    """Which argument of the residual add is the (gated) branch."""
     first = add.args[0]
-    is_branch = first is branch_output or (first.op == "call_function" and first.target is apply_layer_gate)
-    return 0 if is_branch else 1
+    # The branch reaches the add through the gates applied at its end: the layer gate, and also the
+    # channel gate when the branch ends on its gated channels (a conv-BN branch in "channel" mode).
+    while first is not branch_output and first.op == "call_function" and first.target in (apply_layer_gate, apply_channel_gate):
+        first = first.args[0]
+    return 0 if first is branch_output else 1
 
 
 def _is_gate_node(node: fx.Node) -> bool:
@@ -261,8 +308,12 @@ def _is_gate_node(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem and _is_gate_node(node.args[0])
 
 
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+def _attribute(model: nn.Module, target: str) -> object:
+    """What a get_attr node of ``model`` reads (a parameter, buffer or constant), by dotted path."""
+    value: object = model
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _upstream(node: fx.Node) -> set[fx.Node]:
@@ -290,9 +341,11 @@ def _between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
 
 def _check_closed(site: GateSite, branch: list[fx.Node], add: fx.Node) -> None:
     inside = set(branch)
+    # Users the output no longer needs do not count: the gate of a nested block made sparse before.
+    live = _upstream(next(iter(reversed(add.graph.nodes))))
     for node in branch:
         for user in node.users:
-            if user not in inside and user is not add:
+            if user not in inside and user is not add and user in live:
                 raise GatekitError(
                     f"block '{site.name}': the branch value '{node.name}' is also used outside the "
                     f"branch (by '{user.name}'), so the branch cannot be skipped; use the gated "

@@ -1,5 +1,10 @@
 import pytest
 import torch
+from hypothesis import Phase, settings
+
+# `pytest --hypothesis-profile=no-shrink` reports fuzzing failures (tests/test_fuzz.py) without
+# minimising them: shrinking a failing network can take minutes.
+settings.register_profile("no-shrink", phases=[Phase.explicit, Phase.generate])
 
 
 @pytest.fixture(autouse=True, scope="session")

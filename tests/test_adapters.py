@@ -17,6 +17,8 @@ from gatekit.adapters import _registry, example_input, get_model, list_models, m
 TORCHVISION_MODELS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+    "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny",
 ]
 TIMM_MODELS = ["resnet18", "resnet26d", "resnet34", "resnet50d", "seresnext26d_32x4d"]
 

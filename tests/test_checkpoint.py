@@ -89,3 +89,90 @@ def test_bad_files_give_clear_errors_and_run_no_code(gated, tmp_path, capsys, co
     with pytest.raises(gatekit.GatekitError, match=match):
         gatekit.load(path)
     assert "pwned" not in capsys.readouterr().out
+
+
+def _saved(gated, path, **edits):
+    """Save ``gated``, then rewrite the file with ``edits`` applied to the checkpoint dict (None deletes)."""
+    gatekit.save(gated, path)
+    checkpoint = torch.load(path, weights_only=True)
+    for key, value in edits.items():
+        if value is None:
+            del checkpoint[key]
+        else:
+            checkpoint[key] = value(checkpoint[key]) if callable(value) else value
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_checkpoint_of_another_gatekit_version_in_the_same_format_loads(gated, tmp_path):
+    path = _saved(gated, tmp_path / "old.pt", gatekit_version="0.0.1")
+    assert torch.equal(gatekit.load(path)(X), gated(X))
+    path = _saved(gated, tmp_path / "no-checksum.pt", checksum=None)  # written before checksums
+    assert torch.equal(gatekit.load(path)(X), gated(X))
+
+
+@pytest.mark.parametrize("edits, match", [
+    (dict(model=None), "lacks 'model'"),
+    (dict(state_dict=None), "lacks 'state_dict'"),
+    (dict(model_kwargs=[7]), "malformed 'model_kwargs'"),
+    (dict(input_shape="1,3,32,32"), "malformed 'input_shape'"),
+    (dict(input_shape=[1, 3, 0, 32]), "malformed 'input_shape'"),
+    (dict(model="cifar/resnet9"), "unknown model 'cifar/resnet9'"),
+    (dict(model_kwargs=lambda kwargs: {**kwargs, "width": 2}, gatekit_version="9.0"),
+     r"written by gatekit 9.0 with arguments.*'width'.*Load it with that version"),
+    (dict(convert_options=lambda options: {**options, "gate_dropout": 0.1}, gatekit_version="9.0"),
+     r"written by gatekit 9.0.*'gate_dropout'"),
+    (dict(state_dict=lambda weights: {**weights, "fc.bias": weights["fc.bias"] + 1}), "corrupt: its weights do not match"),
+])
+def test_edited_checkpoints_say_what_is_wrong(gated, tmp_path, edits, match):
+    path = _saved(gated, tmp_path / "edited.pt", **edits)
+    with pytest.raises(gatekit.GatekitError, match=match):
+        gatekit.load(path)
+
+
+def test_a_damaged_byte_in_the_weights_is_detected(gated, tmp_path):
+    """torch.load does not check the zip's CRCs: a flipped weight byte would load silently."""
+    gatekit.save(gated, tmp_path / "model.pt")
+    data = bytearray((tmp_path / "model.pt").read_bytes())
+    weight = gated.get_submodule("layer3.0.conv2").weight.detach().numpy().tobytes()
+    start = data.find(weight)
+    assert start > 0, "the weight's bytes are stored as they are"
+    for offset in (0, len(weight) // 2, len(weight) - 1):
+        damaged = bytearray(data)
+        damaged[start + offset] ^= 0x10
+        (tmp_path / "damaged.pt").write_bytes(damaged)
+        with pytest.raises(gatekit.GatekitError, match="corrupt"):
+            gatekit.load(tmp_path / "damaged.pt")
+
+
+class ShellExploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("container", ["raw pickle", "inside a torch.save zip"])
+def test_a_checkpoint_holding_code_never_runs_it(gated, tmp_path, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    if container == "raw pickle":
+        path.write_bytes(pickle.dumps(ShellExploit(marker)))
+    else:
+        gatekit.save(gated, path)
+        checkpoint = torch.load(path, weights_only=True)
+        torch.save({**checkpoint, "model_kwargs": {"payload": ShellExploit(marker)}}, path)
+    with pytest.raises(gatekit.GatekitError, match="not a readable gatekit checkpoint"):
+        gatekit.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_loading_onto_a_missing_device_names_the_device_not_the_file(gated, tmp_path):
+    gatekit.save(gated, tmp_path / "model.pt")
+    with pytest.raises(gatekit.GatekitError, match="map_location='cuda' cannot be used on this machine"):
+        gatekit.load(tmp_path / "model.pt", map_location="cuda")

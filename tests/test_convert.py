@@ -186,7 +186,7 @@ def test_training_decisions_follow_the_seed_and_eval_decisions_ignore_it():
     def decisions(seed):
         torch.manual_seed(seed)
         gated(images)
-        return [g.channel_gates.clone() for g in gatekit.gates_of(gated).values()]
+        return [d.clone() for g in gatekit.gates_of(gated).values() for d in (g.channel_gates, g.layer_gates)]
 
     assert all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(7)))
     assert not all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(8)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import GatekitError
 from . import profile, sites
 
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dynamic channel and layer gating for residual networks: inspect and profile models.",
         epilog="Run `gatekit COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"gatekit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for subcommand in SUBCOMMANDS:
         subcommand.add_parser(commands)

@@ -28,7 +28,7 @@ def run(arguments: argparse.Namespace) -> int:
         raise GatekitError("name a model (e.g. cifar/resnet20), or pass --list to see them.")
     sites = gatekit.gate_sites(get_model(arguments.model), example_input=example_input(arguments.model))
     width = max(len(site.name) for site in sites)
-    print(f"{'block':<{width}}  channels  first conv -> consumer  (shortcut)")
+    print(f"{'block':<{width}}  channels  gated layer -> consumer  (shortcut)")
     for site in sites:
         print(f"{site.name:<{width}}  {site.channels:8d}  {site.first_conv} -> {site.consumer}  ({site.shortcut})")
     return 0

@@ -8,12 +8,24 @@ from ..errors import GatekitError
 from ..gate import Gate
 
 
-def check_forward(name: str, gate: Gate) -> None:
+def check_forward(name: str, gate: Gate, *, empty_ok: bool = False) -> None:
+    """Raise GatekitError unless the gate has decisions from a forward pass, on at least one sample
+    unless ``empty_ok`` (per-sample results such as MAC counts are fine on an empty batch)."""
     if gate.layer_gates is None and gate.channel_gates is None:
         raise GatekitError(
             f"the gate of block '{name}' has no decisions yet: run the model on a batch before "
             f"computing a gatekit loss or statistics."
         )
+    if not empty_ok and executed_layers(gate).shape[0] == 0:
+        raise empty_batch_error()
+
+
+def empty_batch_error() -> GatekitError:
+    # Means over no sample are NaN: as a loss they would silently turn every weight into NaN.
+    return GatekitError(
+        "the last forward ran on an empty batch (0 samples): gate losses and statistics are means "
+        "over the batch, undefined for none. Skip empty batches (`if len(images) == 0: continue`)."
+    )
 
 
 def executed_layers(gate: Gate) -> Tensor:

@@ -7,10 +7,11 @@ from numbers import Real
 
 from torch import Tensor, nn
 
+from .._nesting import enclosing_blocks, own_branch_macs
 from ..errors import GatekitError
 from ..gated_model import gates_of, info_of
 from ..macs import BlockCosts
-from ._executed import check_forward, open_probabilities
+from ._executed import check_forward, empty_batch_error, open_probabilities
 
 
 def expected_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
@@ -41,14 +42,27 @@ def expected_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
     """
     info = info_of(model)
     costs = costs or BlockCosts.from_sites(info.dense_macs, info.sites)
-    total = costs.dense_macs - sum(costs.branch_macs)
-    for (name, gate), branch_macs, channel_macs in zip(gates_of(model).items(), costs.branch_macs, costs.channel_macs):
-        check_forward(name, gate)
-        channel_probabilities, layer_probabilities = open_probabilities(gate)
+    # A block nested in another's branch counts its own layers once, and only where the enclosing
+    # blocks run (their decisions are independent, so the probabilities multiply): as dynamic_macs.
+    enclosing = enclosing_blocks(info.sites)
+    own_macs = own_branch_macs(costs.branch_macs, enclosing)
+    total = costs.dense_macs - sum(own_macs)
+    gates = gates_of(model)
+    layer_probabilities = []
+    for name, gate in gates.items():
+        check_forward(name, gate, empty_ok=True)
+        layer = open_probabilities(gate)[1]
+        layer_probabilities.append(layer if layer is not None else 1.0)
+    for index, gate in enumerate(gates.values()):
+        channel_probabilities = open_probabilities(gate)[0]
         channel_fraction = channel_probabilities.mean(1) if channel_probabilities is not None else 1.0
-        layer_probability = layer_probabilities if layer_probabilities is not None else 1.0
-        fixed_branch_macs = branch_macs - channel_macs
-        total = total + gate.macs + layer_probability * (fixed_branch_macs + channel_macs * channel_fraction)
+        channel_macs = costs.channel_macs[index]
+        fixed_branch_macs = own_macs[index] - channel_macs
+        reached = 1.0
+        for outer in enclosing[index]:
+            reached = reached * layer_probabilities[outer]
+        branch = fixed_branch_macs + channel_macs * channel_fraction
+        total = total + reached * (gate.macs + layer_probabilities[index] * branch)
     return total
 
 
@@ -76,7 +90,10 @@ def mac_budget_loss(model: nn.Module, *, budget: float, weight: float = 1.0) -> 
     >>> loss = criterion(gated(x), y) + mac_budget_loss(gated, budget=0.5, weight=10.0)  # doctest: +SKIP
     """
     check_budget(budget)
-    fraction = expected_macs(model).mean() / info_of(model).dense_macs
+    expected = expected_macs(model)
+    if expected.numel() == 0:
+        raise empty_batch_error()
+    fraction = expected.mean() / info_of(model).dense_macs
     return weight * (fraction - budget) ** 2
 
 

@@ -49,7 +49,7 @@ def sparsity_loss(model: nn.Module, *, layer: float = 0.0, channel: float = 0.0,
         channels = executed_channels(gate)
         if channels is not None:
             channel_rates.append(channels.mean(0))
-    total = torch.zeros((), device=next(model.gatekit_gates.parameters()).device)
+    total = torch.zeros((), device=next(iter(gates_of(model).values())).fc.weight.device)
     for weight, rates in ((layer, layer_rates), (channel, channel_rates)):
         if weight and rates:
             squares = torch.cat(rates).pow(2)

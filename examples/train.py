@@ -1,0 +1,287 @@
+"""Train one model of the paper's experiments: dense, gated (DLCG, channel, ConvNet-AIG layer) or pruned.
+
+Two recipes (``--recipe``), both SGD with Nesterov momentum 0.9, batch 256, weight decay 5e-4 except
+on gate parameters, learning rate divided by 10 at 50 %, 75 % and 94 % of the epochs (the paper's
+200, 300 and 375 of 400), random crop and horizontal flip on CIFAR-10:
+
+- ``paper``: section 4.1 of the paper: from scratch, 400 epochs, learning rate 0.1.
+- ``short``: finetune a dense checkpoint (``--init``) for ``--epochs`` (default 10) at ``--lr`` 0.05:
+  what fits a CPU budget, and what a user with a trained model does.
+
+Methods (``--method``): ``dense``; ``dlcg`` (channel + layer gates), ``channel`` and ``layer`` with the
+paper's target-free loss (``--layer`` = lambda, ``--channel`` = gamma), ConvNet-AIG's target-rate loss
+(``--target``) or the MAC-budget loss (``--budget``); ``static``: Torch-Pruning removes block-internal
+filters of ``--init`` down to ``--static-fraction`` of the dense MACs, then it trains as a dense model.
+
+Each epoch prints (and appends to ``OUT/log.jsonl``) one JSON line; ``OUT/last.pt`` is rewritten every
+epoch and a rerun with the same ``--out`` resumes from it. At the end ``OUT/model.pt`` is a
+``gatekit.save`` checkpoint (``gatekit profile OUT/model.pt --dataset ... --split test`` evaluates it)
+and ``OUT/summary.json`` holds the configuration and final figures. Examples::
+
+    python examples/train.py --dataset cifar10 --method dense --recipe paper --out runs/c10-dense
+    python examples/train.py --dataset cifar10 --method dlcg --layer 0.02 --channel 0.03 --recipe paper --out runs/c10-dlcg
+    python examples/train.py --dataset fashion-mnist --method dense --epochs 15 --lr 0.1 --out runs/fm-dense
+    python examples/train.py --dataset fashion-mnist --method layer --target 0.5 --init runs/fm-dense/model.pt --out runs/fm-aig
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import gatekit
+from gatekit.adapters import get_model
+from gatekit.datasets import DATASETS, load_dataset
+
+METHODS = ("dense", "dlcg", "channel", "layer", "static")
+GATES = {"dlcg": "channel+layer", "channel": "channel", "layer": "layer"}
+MILESTONES = (0.5, 0.75, 0.9375)  # the paper's 200, 300, 375 of 400 epochs
+RATE_STRIDE = 10  # training steps between two samples of the gates' execution rates
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=[n for n in DATASETS if n != "cifar10-jpeg"])
+    data.add_argument("--data-root", help="folder with the .npz files (default: $GATEKIT_DATA, ../shared/data)")
+    data.add_argument("--download", action="store_true", help="let torchvision download missing data")
+    data.add_argument("--train-images", type=int, help="train on this many images of the train split (default: all)")
+    data.add_argument("--augment", choices=("auto", "yes", "no"), default="auto",
+                      help="random crop + flip (auto: on for cifar10)")
+    model = parser.add_argument_group("model and method")
+    model.add_argument("--model", help="registered model (default: cifar/resnet20, mnist/resnet20 for 1-channel data)")
+    model.add_argument("--method", choices=METHODS, default="dense")
+    model.add_argument("--init", type=Path, help="gatekit checkpoint of a dense model to start from")
+    model.add_argument("--layer", type=float, default=0.0, help="lambda of the paper's loss (layer term)")
+    model.add_argument("--channel", type=float, default=0.0, help="gamma of the paper's loss (channel term)")
+    model.add_argument("--target", type=float, help="ConvNet-AIG target execution rate (target-rate loss)")
+    model.add_argument("--budget", type=float, help="fraction of the dense MACs (MAC-budget loss)")
+    model.add_argument("--loss-weight", type=float, default=1.0, help="weight of the target-rate / MAC-budget loss")
+    model.add_argument("--static-fraction", type=float, help="static: fraction of dense MACs to prune to")
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--recipe", choices=("paper", "short"), default=None,
+                        help="paper: 400 epochs at lr 0.1; short: 10 epochs at lr 0.05 from --init "
+                        "(default: short with --init, paper without)")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--batch-size", type=int, default=256)
+    recipe.add_argument("--weight-decay", type=float, default=5e-4)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, required=True, help="run folder (resumes if it holds last.pt)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    run.add_argument("--channels-last", action="store_true", help="train in channels-last memory format")
+    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes")
+    run.add_argument("--val-every", type=int, default=0, help="evaluate on the val split every N epochs (0: at the end only)")
+    run.add_argument("--no-val", action="store_true", help="never evaluate (data held elsewhere)")
+    run.add_argument("--stop-after", type=int, help="leave after this epoch (rerun with the same --out to go on)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    args = parser.parse_args(argv)
+    _complete(args, parser)
+    return args
+
+
+def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the recipe's defaults and refuse combinations that cannot mean what the user wants."""
+    args.recipe = args.recipe or ("short" if args.init else "paper")
+    args.epochs = args.epochs or (400 if args.recipe == "paper" else 10)
+    args.lr = args.lr or (0.1 if args.recipe == "paper" else 0.05)
+    channels = len(DATASETS[args.dataset].mean)
+    args.model = args.model or ("cifar/resnet20" if channels == 3 else "mnist/resnet20")
+    if args.augment == "auto":
+        args.augment = "yes" if args.dataset == "cifar10" else "no"
+    gated = args.method in GATES
+    if args.method == "static" and (args.init is None or args.static_fraction is None):
+        parser.error("--method static prunes a trained model: give --init and --static-fraction.")
+    if gated and args.target is not None and args.budget is not None:
+        parser.error("give one of --target (target-rate loss) and --budget (MAC-budget loss), not both.")
+    if gated and args.target is None and args.budget is None and args.layer == 0 and args.channel == 0:
+        parser.error(f"--method {args.method} needs a sparsity loss: --layer/--channel, --target or --budget.")
+    if not gated and (args.target is not None or args.budget is not None or args.layer or args.channel):
+        parser.error(f"--method {args.method} has no gates: drop --layer/--channel/--target/--budget.")
+    if args.method == "channel" and (args.layer or args.target is not None):
+        parser.error("--method channel has no layer gates: drop --layer and --target.")
+    if args.method == "layer" and args.channel:
+        parser.error("--method layer has no channel gates: drop --channel.")
+
+
+def regularizer(args: argparse.Namespace):
+    if args.target is not None:
+        return gatekit.TargetRateLoss(target=args.target, weight=args.loss_weight)
+    if args.budget is not None:
+        return gatekit.MacBudgetLoss(budget=args.budget, weight=args.loss_weight)
+    return gatekit.SparsityLoss(layer=args.layer, channel=args.channel)
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The model to train, on CPU: built, loaded from --init, pruned or converted as the method says."""
+    start = gatekit.load(args.init) if args.init else get_model(args.model, num_classes=10)
+    if args.init and hasattr(start, "gatekit"):
+        raise SystemExit(f"--init {args.init} is a gated model; give a dense checkpoint (method dense).")
+    if args.method == "static":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+        from static_prune import prune_to_widths, widths_for
+
+        name, kwargs = start.gatekit_source
+        kwargs = {k: v for k, v in kwargs.items() if k != "widths"}
+        return prune_to_widths(start, name, widths_for(name, args.static_fraction, kwargs), kwargs)
+    if args.method in GATES:
+        return gatekit.convert(start, gates=GATES[args.method], regularizer=regularizer(args))
+    return start
+
+
+def augment(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop of a 4-pixel zero-padded image and a horizontal flip, per image, on the images' device."""
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (4, 4, 4, 4))
+    dy, dx = (torch.randint(0, 9, (n,), generator=generator).to(images.device) for _ in range(2))
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace):
+    groups = gatekit.param_groups(model, weight_decay=args.weight_decay) if hasattr(model, "gatekit") else [
+        {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}
+    ]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    milestones = sorted({max(1, round(args.epochs * m)) for m in MILESTONES})
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+
+
+def train_epoch(model, images, labels, optimizer, args, generator) -> dict:
+    """One pass over the training tensors in a seeded random order; returns the epoch's means."""
+    model.train()
+    order = torch.randperm(len(labels), generator=generator).to(images.device)
+    steps = len(labels) // args.batch_size
+    keys = ("loss", "task_loss", "gate_loss", "accuracy", "execution_rate", "channel_rate")
+    sums = {key: torch.zeros((), device=images.device) for key in keys}
+    gated, rate_samples = hasattr(model, "gatekit"), 0
+    for step in tqdm(range(steps), disable=not args.progress, leave=False, desc="train"):
+        index = order[step * args.batch_size:(step + 1) * args.batch_size]
+        batch, target = images[index], labels[index]
+        if args.augment == "yes":
+            batch = augment(batch, generator)
+        if args.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=args.bf16):
+            logits = model(batch)
+            task_loss = nn.functional.cross_entropy(logits.float(), target)
+        gate_loss = gatekit.gate_loss(model) if gated else torch.zeros((), device=images.device)
+        loss = task_loss + gate_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Accumulated on the device: a .item() per step would synchronize a GPU every step.
+        with torch.no_grad():
+            sums["loss"] += loss.detach()
+            sums["task_loss"] += task_loss.detach()
+            sums["gate_loss"] += gate_loss.detach()
+            sums["accuracy"] += (logits.argmax(1) == target).float().mean()
+            if gated and step % RATE_STRIDE == 0:  # gate_stats reads values back: not every step
+                rates = gatekit.summarize(gatekit.gate_stats(model))
+                sums["execution_rate"] += rates["execution_rate"]
+                sums["channel_rate"] += rates["channel_rate"]
+                rate_samples += 1
+    return {key: round(value.item() / (rate_samples if "rate" in key else steps), 5)
+            for key, value in sums.items() if gated or "rate" not in key}
+
+
+def evaluate(model: nn.Module, args: argparse.Namespace) -> dict:
+    """Accuracy and mean MACs on the val split (tuning only: test accuracy is reported once, elsewhere)."""
+    val = load_dataset(args.dataset, split="val", root=args.data_root, download=args.download)
+    report = gatekit.profile(model, val, batch_size=500, device=args.device)
+    return dict(val_accuracy=round(report.accuracy, 5), val_mean_macs=round(report.mean_macs))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+
+    train = load_dataset(args.dataset, split="train", root=args.data_root, download=args.download,
+                         limit=args.train_images)
+    images, labels = (tensor.to(device) for tensor in train.tensors)
+    model = build_model(args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, schedule = make_optimizer(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    start_epoch = _resume(args.out / "last.pt", model, optimizer, schedule, generator)
+
+    for epoch in range(start_epoch, args.epochs):
+        began = time.perf_counter()
+        row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
+                   **train_epoch(model, images, labels, optimizer, args, generator))
+        schedule.step()
+        row["seconds"] = round(time.perf_counter() - began, 2)
+        row["images_per_second"] = round(len(labels) // args.batch_size * args.batch_size / row["seconds"])
+        if args.val_every and not args.no_val and (epoch + 1) % args.val_every == 0 and epoch + 1 < args.epochs:
+            row.update(evaluate(model, args))
+        _log(args.out, row)
+        _checkpoint(args.out / "last.pt", model, optimizer, schedule, generator, epoch + 1)
+        if args.stop_after == epoch + 1 and epoch + 1 < args.epochs:
+            return {"stopped_after_epoch": epoch + 1}
+
+    model.eval()
+    gatekit.save(model.to(memory_format=torch.contiguous_format).cpu(), args.out / "model.pt")
+    summary = dict(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   dense_macs=getattr(getattr(model, "gatekit", None), "dense_macs", None),
+                   final=_last_row(args.out))
+    if not args.no_val:
+        summary.update(evaluate(model, args))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({"summary": summary.get("final"), **{k: v for k, v in summary.items() if k.startswith("val")}}))
+    return summary
+
+
+def _log(out: Path, row: dict) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(out / "log.jsonl", "a") as file:
+        file.write(line + "\n")
+
+
+def _last_row(out: Path) -> dict:
+    lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _checkpoint(path: Path, model, optimizer, schedule, generator, epoch: int) -> None:
+    state = dict(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                 schedule=schedule.state_dict(), generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # never a half-written last.pt
+
+
+def _resume(path: Path, model, optimizer, schedule, generator) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(json.dumps({"resumed_at_epoch": state["epoch"]}), flush=True)
+    return state["epoch"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Evaluate a sweep's checkpoints and write the Table 1-style table, the Fig. 3-style plot and per-run JSON.
+
+Every ``model.pt`` under ``SWEEP/<dataset>/`` is profiled with ``gatekit.profile`` (what ``gatekit
+profile`` runs) on the val split and on the test split(s): CIFAR-10 on the 1000 lossless official test
+images and, separately, on all 10000 re-encoded as JPEG. Results go to ``RESULTS/<dataset>/``:
+``runs.json`` (every figure of every run), ``table.md`` and ``accuracy_vs_macs.png``. Settings are
+chosen on val; the test columns are only reported.
+
+    python experiments/report.py runs/sweep --results results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import gatekit
+from gatekit.datasets import load_dataset
+
+TEST_SETS = {"cifar10": ("cifar10", "cifar10-jpeg"), "fashion-mnist": ("fashion-mnist",), "mnist": ("mnist",)}
+METHOD_LABELS = {
+    "dlcg": "DLCG (paper loss)", "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
+    "budget": "DLCG (MAC-budget loss)", "static": "Torch-Pruning static", "dense": "dense",
+}
+
+
+def method_of(run: str) -> str:
+    return run.split("-")[0]
+
+
+def evaluate_run(folder: Path, dataset: str, splits: dict[str, torch.utils.data.Dataset]) -> dict:
+    cached = folder / "eval.json"  # a rerun after an interruption skips what it already measured
+    if cached.exists() and cached.stat().st_mtime > (folder / "model.pt").stat().st_mtime:
+        return json.loads(cached.read_text())
+    row = _evaluate(folder, splits)
+    cached.write_text(json.dumps(row))
+    return row
+
+
+def _evaluate(folder: Path, splits: dict[str, torch.utils.data.Dataset]) -> dict:
+    model = gatekit.load(folder / "model.pt")
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    row = dict(run=folder.name, method=method_of(folder.name), config=summary.get("config", {}),
+               train=summary.get("final", {}))
+    for split, data in splits.items():
+        report = gatekit.profile(model, data, batch_size=500)
+        row[split] = dict(
+            accuracy=report.accuracy, mean_macs=report.mean_macs, dense_macs=report.dense_macs,
+            mac_fraction=report.mean_macs / report.dense_macs, gate_macs=report.gate_macs,
+            execution_rate=_mean([b.execution_rate for b in report.blocks]),
+            channel_rate=_mean([b.channel_rate for b in report.blocks]),
+        )
+    return row
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path) -> None:
+    tests = [s for s in rows[0] if s.startswith("test")]
+    header = ["method", "run", "λ", "γ", "target / budget", "layer exec. rate", "channel exec. rate",
+              "val acc. %", *[f"{s} acc. %" for s in tests], "GMACs (val)", "% of dense ResNet20"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(rows, key=lambda r: (r["method"], -r["val"]["mean_macs"])):
+        config, val = row["config"], row["val"]
+        goal = config.get("target") or config.get("budget") or config.get("static_fraction") or ""
+        cells = [METHOD_LABELS.get(row["method"], row["method"]), row["run"],
+                 _fmt(config.get("layer")), _fmt(config.get("channel")), _fmt(goal),
+                 _fmt(val["execution_rate"], 3), _fmt(val["channel_rate"], 3), f"{100 * val['accuracy']:.2f}",
+                 *[f"{100 * row[s]['accuracy']:.2f}" for s in tests],
+                 f"{val['mean_macs'] / 1e9:.4f}", f"{100 * val['mean_macs'] / reference_macs:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value in (None, "", 0, 0.0):
+        return "–"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, marker in (("dlcg", "o-"), ("channel", "s-"), ("aig", "^-"), ("budget", "D-")):
+        points = sorted((r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"]) for r in rows if r["method"] == method)
+        if points:
+            axes.plot(*zip(*points), marker, label=METHOD_LABELS[method])
+    for method, marker in (("static", "x"), ("dense", "*")):
+        points = [(r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"], r["run"]) for r in rows if r["method"] == method]
+        if points:
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker, markersize=10, linestyle="none",
+                      label=METHOD_LABELS[method])
+            for x, y, name in points:
+                if method == "dense":
+                    axes.annotate(name.removeprefix("dense-"), (x, y), textcoords="offset points", xytext=(4, 4))
+    axes.set_xlabel("mean MACs per image (millions, gates included)")
+    axes.set_ylabel(f"top-1 accuracy on {split} (%)")
+    axes.set_title(f"{dataset}: accuracy vs MACs")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--datasets", nargs="+", default=list(TEST_SETS))
+    parser.add_argument("--copy-checkpoints", action="store_true", help="copy each run's model.pt and logs too")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for dataset in args.datasets:
+        folders = sorted(p.parent for p in (args.sweep / dataset).glob("*/model.pt") if not p.parent.name.startswith("pretrain"))
+        if not folders:
+            continue
+        splits = {"val": load_dataset(dataset, split="val")}
+        for name in TEST_SETS[dataset]:
+            splits["test" if name == dataset else f"test-{name.split('-')[-1]}"] = load_dataset(name, split="test")
+        out = args.results / dataset
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for folder in folders:
+            rows.append(evaluate_run(folder, dataset, splits))
+            print(json.dumps({"dataset": dataset, "run": folder.name,
+                              **{s: round(rows[-1][s]["accuracy"], 4) for s in splits}}), flush=True)
+            if args.copy_checkpoints:
+                target = out / "runs" / folder.name
+                target.mkdir(parents=True, exist_ok=True)
+                for file in ("model.pt", "log.jsonl", "summary.json", "command.txt", "eval.json"):
+                    if (folder / file).exists():
+                        shutil.copy(folder / file, target / file)
+        (out / "runs.json").write_text(json.dumps(rows, indent=1))
+        reference = next(r["val"]["dense_macs"] for r in rows if r["run"] == "dense-resnet20")
+        write_table(rows, dataset, reference, out / "table.md")
+        for split in splits:
+            if split != "val":
+                plot(rows, dataset, split, out / f"accuracy_vs_macs_{split}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The experiment tooling of issue 5: training entry point, static pruning peer, data packing, sweep plan."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gatekit
+from gatekit.adapters import get_model
+from gatekit.datasets import load_dataset
+from gatekit.errors import GatekitError
+from gatekit.macs import static_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "experiments")]
+
+import pack_data  # noqa: E402
+import static_prune  # noqa: E402
+import sweep  # noqa: E402
+import train  # noqa: E402
+
+
+def test_widths_build_a_thinner_block_and_refuse_bad_lists():
+    model = get_model("cifar/resnet8", widths=[5, 7, 9])
+    assert [b.conv1.out_channels for s in (model.layer1, model.layer2, model.layer3) for b in s] == [5, 7, 9]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(GatekitError, match="one positive int per block"):
+        get_model("cifar/resnet8", widths=[5, 7])
+
+
+def test_dense_models_save_and_load(tmp_path):
+    model = get_model("mnist/resnet8", widths=[4, 8, 16]).eval()
+    gatekit.save(model, tmp_path / "dense.pt")
+    loaded = gatekit.load(tmp_path / "dense.pt")
+    assert not hasattr(loaded, "gatekit")
+    images = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)
+
+
+def test_static_pruning_equals_the_dense_model_with_the_pruned_filters_zeroed():
+    torch.manual_seed(0)
+    dense = get_model("cifar/resnet8").eval()
+    for module in dense.modules():  # non-trivial statistics, so a wrong channel would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    widths = static_prune.widths_for("cifar/resnet8", 0.5, {})
+    static = static_prune.prune_to_widths(dense, "cifar/resnet8", widths, {}).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    assert static_macs(static, example) <= 0.5 * static_macs(dense, example)
+
+    kept = []  # which filters survived: the ones whose (random, distinct) bn1 means the pruned model kept
+    blocks = list(static_prune._blocks(dense))
+    for block, small in zip(blocks, static_prune._blocks(static)):
+        means = block.bn1.running_mean
+        kept.append([int((means == m).nonzero()[0]) for m in small.bn1.running_mean])
+    assert all(len(set(k)) == len(k) < b.conv1.out_channels for k, b in zip(kept, blocks))
+    hooks = [block.bn1.register_forward_hook(
+        lambda module, args, output, keep=keep: output * torch.isin(torch.arange(output.shape[1]), torch.tensor(keep)).view(1, -1, 1, 1)
+    ) for block, keep in zip(blocks, kept)]
+    images = torch.randn(4, 3, 32, 32)
+    masked = dense(images)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(static(images), masked, rtol=1e-4, atol=1e-4)
+
+
+def test_train_refuses_arguments_that_cannot_mean_what_the_user_wants(capsys):
+    for argv, message in (
+        (["--method", "dlcg"], "needs a sparsity loss"),
+        (["--method", "dense", "--layer", "0.1"], "has no gates"),
+        (["--method", "channel", "--layer", "0.1"], "no layer gates"),
+        (["--method", "static", "--static-fraction", "0.5"], "give --init"),
+        (["--method", "dlcg", "--target", "0.5", "--budget", "0.5"], "not both"),
+    ):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", "x", *argv])
+        assert message in capsys.readouterr().err
+
+
+def test_augment_crops_and_flips_each_image_by_its_own_draw():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4) + 1
+    out = train.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for image, crop in zip(padded, out):  # every output is a window of its padded image, maybe flipped
+        windows = image.unfold(1, 4, 1).unfold(2, 4, 1).reshape(1, -1, 4, 4)[0]
+        assert any(torch.equal(crop[0], w) or torch.equal(crop[0], w.flip(1)) for w in windows)
+
+
+@pytest.mark.parametrize("method", [["--method", "dlcg", "--layer", "0.01", "--channel", "0.01"],
+                                    ["--method", "static", "--static-fraction", "0.5"]])
+def test_train_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, method):
+    dense = get_model("mnist/resnet8")
+    gatekit.save(dense, tmp_path / "dense.pt")
+    common = ["--dataset", "fashion-mnist", "--model", "mnist/resnet8", "--train-images", "256", "--batch-size", "64",
+              "--init", str(tmp_path / "dense.pt"), "--no-val", "--device", "cpu", *method]
+    train.main([*common, "--epochs", "2", "--out", str(tmp_path / "straight")])
+    assert train.main([*common, "--epochs", "2", "--stop-after", "1", "--out", str(tmp_path / "half")]) == {
+        "stopped_after_epoch": 1}
+    assert not (tmp_path / "half" / "model.pt").exists()
+    train.main([*common, "--epochs", "2", "--out", str(tmp_path / "half")])  # resumes at epoch 2
+    straight = gatekit.load(tmp_path / "straight" / "model.pt").state_dict()
+    resumed = gatekit.load(tmp_path / "half" / "model.pt").state_dict()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    log = [json.loads(line) for line in (tmp_path / "half" / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2]
+
+
+def test_pack_and_unpack_give_the_same_training_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(pack_data, "_search_folders", lambda root: ([tmp_path / "src"], tmp_path / "src"))
+    (tmp_path / "src").mkdir()
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 50).astype(np.uint8),
+                  x_test=np.zeros((5, 28, 28), np.uint8), y_test=np.zeros(5, np.uint8))
+    np.savez(tmp_path / "src" / "mnist.npz", **arrays)
+    pack_data.pack("mnist", 2, tmp_path / "packed")
+    with pytest.raises(SystemExit, match="1 of 2 parts"):
+        only_first = tmp_path / "first"
+        (only_first / "part0").mkdir(parents=True)
+        for file in (tmp_path / "packed" / "part0").iterdir():
+            (only_first / "part0" / file.name).write_bytes(file.read_bytes())
+        pack_data.unpack(only_first, tmp_path / "partial")
+    pack_data.unpack(tmp_path / "packed", tmp_path / "data")
+    original = load_dataset("mnist", split="train", root=tmp_path / "src")
+    unpacked = load_dataset("mnist", split="train", root=tmp_path / "data")
+    for a, b in zip(original.tensors, unpacked.tensors):
+        assert torch.equal(a, b)
+    with pytest.raises(GatekitError):  # the held-out images did not travel: no silent zeros as test data
+        load_dataset("mnist", split="test", root=tmp_path / "data")
+
+
+def test_sweep_plan_gives_every_method_the_same_budget():
+    runs = sweep.plan("cifar10", dense_epochs=4, finetune_epochs=2)
+    names = [r.name for r in runs]
+    assert {n.split("-")[0] for n in names} == {"pretrain", "dense", "dlcg", "channel", "aig", "budget", "static"}
+    for run in runs:
+        epochs = int(run.arguments[run.arguments.index("--epochs") + 1])
+        assert epochs == (4 if run.name.startswith("pretrain") else 2)
+        assert run.after is None or run.after in names
+    assert sum(n.startswith("dlcg") for n in names) == len(sweep.GRIDS["full"]["sparsity"]) >= 4
