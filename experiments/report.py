@@ -31,7 +31,7 @@ def method_of(run: str) -> str:
     return run.split("-")[0]
 
 
-def evaluate_run(folder: Path, dataset: str, splits: dict[str, torch.utils.data.Dataset]) -> dict:
+def evaluate_run(folder: Path, splits: dict[str, torch.utils.data.Dataset]) -> dict:
     cached = folder / "eval.json"  # a rerun after an interruption skips what it already measured
     if cached.exists() and cached.stat().st_mtime > (folder / "model.pt").stat().st_mtime:
         return json.loads(cached.read_text())
@@ -132,7 +132,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         rows = []
         for folder in folders:
-            rows.append(evaluate_run(folder, dataset, splits))
+            rows.append(evaluate_run(folder, splits))
             print(json.dumps({"dataset": dataset, "run": folder.name,
                               **{s: round(rows[-1][s]["accuracy"], 4) for s in splits}}), flush=True)
             if args.copy_checkpoints:
