@@ -192,3 +192,10 @@ def test_training_decisions_follow_the_seed_and_eval_decisions_ignore_it():
     assert not all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(8)))
     gated.eval()
     assert all(torch.equal(a, b) for a, b in zip(decisions(7), decisions(8)))
+
+
+def test_registered_models_are_measured_at_their_registered_input_size():
+    gated = gatekit.convert(get_model("mnist/resnet8"))
+    assert gated.gatekit.input_shape == (1, 1, 28, 28)
+    explicit = gatekit.convert(get_model("mnist/resnet8"), example_input=torch.zeros(1, 1, 28, 28))
+    assert gated.gatekit.dense_macs == explicit.gatekit.dense_macs
