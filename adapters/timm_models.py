@@ -8,24 +8,12 @@ their blocks from the graph like any other model's (docs/coverage.md).
 """
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-
-from ._registry import register_model
-from .timm_resnet import build
+from .timm_resnet import register
 
 MODELS = (
     "resnetv2_50", "seresnet18", "mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100",
     "efficientnet_b0", "regnetx_002", "regnety_002", "convnext_atto", "convnext_tiny",
 )
 
-
-def _register(name: str) -> None:
-    @register_model(f"timm/{name}", input_size=(3, 224, 224), description=f"timm {name}")
-    def builder(*, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return build(name, pretrained=pretrained, **kwargs)
-
-
 for _name in MODELS:
-    _register(_name)
+    register(_name)

@@ -45,11 +45,12 @@ def build(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _register(name: str) -> None:
+def register(name: str) -> None:
+    """Register ``name`` of this library under the adapter's prefix, built by :func:`build`."""
     @register_model(f"timm/{name}", input_size=(3, 224, 224), description=f"timm {name}")
     def builder(*, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         return build(name, pretrained=pretrained, **kwargs)
 
 
 for _name in MODELS:
-    _register(_name)
+    register(_name)

@@ -7,17 +7,12 @@ blocks from the graph like any other model's: the names here only make them buil
 """
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-from torchvision.models import WeightsEnum
 from torchvision.ops import StochasticDepth
 
 from gatekit._tracing import register_tracing_hints
 from gatekit.blocks import register_channelwise_module
 
-from ._registry import register_model
-from .torchvision_resnet import build
+from .torchvision_resnet import register
 
 MODELS = (
     "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
@@ -30,12 +25,5 @@ MODELS = (
 register_channelwise_module(StochasticDepth)
 register_tracing_hints(lambda: ((StochasticDepth,), ()))
 
-
-def _register(name: str) -> None:
-    @register_model(f"torchvision/{name}", input_size=(3, 224, 224), description=f"torchvision {name}")
-    def builder(*, weights: WeightsEnum | str | None = None, **kwargs: Any) -> nn.Module:
-        return build(name, weights=weights, **kwargs)
-
-
 for _name in MODELS:
-    _register(_name)
+    register(_name)

@@ -73,11 +73,12 @@ def build(name: str, *, weights: WeightsEnum | str | None = None, **kwargs: Any)
         ) from error
 
 
-def _register(name: str) -> None:
+def register(name: str) -> None:
+    """Register ``name`` of this library under the adapter's prefix, built by :func:`build`."""
     @register_model(f"torchvision/{name}", input_size=(3, 224, 224), description=f"torchvision {name}")
     def builder(*, weights: WeightsEnum | str | None = None, **kwargs: Any) -> nn.Module:
         return build(name, weights=weights, **kwargs)
 
 
 for _name in MODELS:
-    _register(_name)
+    register(_name)

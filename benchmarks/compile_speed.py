@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import gatekit
+from _timing import paired_ratio, time_interleaved
 from gatekit.adapters import get_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,22 +90,6 @@ def first_call_seconds(call: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, iterations: int) -> dict[str, list[float]]:
-    """Per repeat, each call's mean seconds over ``iterations`` runs, the calls taking turns."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(iterations):
-                call()
-            times[name].append((time.perf_counter() - start) / iterations)
-    return times
-
-
-def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(n / d for n, d in zip(numerator, denominator))
-
-
 def measure(batch: int, repeats: int, iterations: int) -> dict:
     torch.manual_seed(0)
     dense = get_model("cifar/resnet20").eval()
@@ -132,7 +117,7 @@ def measure(batch: int, repeats: int, iterations: int) -> dict:
         compile_seconds[f"{name}_compiled"] = first_call_seconds(calls[f"{name}_compiled"])
     for call in calls.values():  # warm up every variant once more before timing
         call()
-    times = time_interleaved(calls, repeats, iterations)
+    times = time_interleaved(calls, repeats, iterations, rotate=False)
     row["median_ms"] = {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
     row["compiled_over_eager"] = {
         name: round(paired_ratio(times[f"{name}_compiled"], times[f"{name}_eager"]), 3)

@@ -56,6 +56,7 @@ import torch_pruning
 from torch import Tensor, nn
 
 import gatekit
+from _timing import paired_ratio, time_interleaved
 from gatekit.adapters import get_model
 
 MODELS = {
@@ -224,20 +225,7 @@ def time_variants(
         start = time.perf_counter()
         run()
         loops[name] = max(1, math.ceil(min_seconds / (time.perf_counter() - start)))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                variants[name]()
-            samples[name].append((time.perf_counter() - start) / loops[name])
-    return samples
-
-
-def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
-    """Median over repeats of the ratio within each repeat: robust to load that drifts between repeats."""
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
+    return time_interleaved(variants, repeats, loops)
 
 
 def prepare(model: nn.Module, level: float, images: Tensor) -> dict:

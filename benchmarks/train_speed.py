@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import gatekit
+from _timing import paired_ratio, time_interleaved
 from gatekit.adapters import get_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,15 +56,9 @@ def measure_speed(batch_size: int, repeats: int) -> dict:
     steps = {name: step_function(*flags, batch_size) for name, flags in VARIANTS.items()}
     for step in steps.values():
         step()  # warmup
-    seconds = {name: [] for name in steps}
-    names = list(steps)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            began = time.perf_counter()
-            steps[name]()
-            seconds[name].append(time.perf_counter() - began)
+    seconds = time_interleaved(steps, repeats)
     return {name: dict(median_step_seconds=statistics.median(times),
-                       speedup_vs_float32=statistics.median(a / b for a, b in zip(seconds["float32"], times)))
+                       speedup_vs_float32=paired_ratio(seconds["float32"], times))
             for name, times in seconds.items()}
 
 

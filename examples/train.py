@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import gatekit
@@ -197,9 +198,8 @@ def train_epoch(model, images, labels, optimizer, args, generator) -> dict:
             for key, value in sums.items() if gated or "rate" not in key}
 
 
-def evaluate(model: nn.Module, args: argparse.Namespace) -> dict:
+def evaluate(model: nn.Module, val: TensorDataset, args: argparse.Namespace) -> dict:
     """Accuracy and mean MACs on the val split (tuning only: test accuracy is reported once, elsewhere)."""
-    val = load_dataset(args.dataset, split="val", root=args.data_root, download=args.download)
     report = gatekit.profile(model, val, batch_size=500, device=args.device)
     return dict(val_accuracy=round(report.accuracy, 5), val_mean_macs=round(report.mean_macs))
 
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = load_dataset(args.dataset, split="train", root=args.data_root, download=args.download,
                          limit=args.train_images)
     images, labels = (tensor.to(device) for tensor in train.tensors)
+    val = None if args.no_val else load_dataset(args.dataset, split="val", root=args.data_root, download=args.download)
     model = build_model(args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["seconds"] = round(time.perf_counter() - began, 2)
         row["images_per_second"] = round(len(labels) // args.batch_size * args.batch_size / row["seconds"])
         if args.val_every and not args.no_val and (epoch + 1) % args.val_every == 0 and epoch + 1 < args.epochs:
-            row.update(evaluate(model, args))
+            row.update(evaluate(model, val, args))
         _log(args.out, row)
         _checkpoint(args.out / "last.pt", model, optimizer, schedule, generator, epoch + 1)
         if args.stop_after == epoch + 1 and epoch + 1 < args.epochs:
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                    dense_macs=getattr(getattr(model, "gatekit", None), "dense_macs", None),
                    final=_last_row(args.out))
     if not args.no_val:
-        summary.update(evaluate(model, args))
+        summary.update(evaluate(model, val, args))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({"summary": summary.get("final"), **{k: v for k, v in summary.items() if k.startswith("val")}}))
     return summary
