@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--init", type=Path, help="gatekit checkpoint of a dense model to start from")
     model.add_argument("--layer", type=float, default=0.0, help="lambda of the paper's loss (layer term)")
     model.add_argument("--channel", type=float, default=0.0, help="gamma of the paper's loss (channel term)")
+    model.add_argument("--channel-rates", choices=("executed", "raw"), default="executed",
+                       help="what the channel term counts: filters that ran, or each channel gate's own rate "
+                       "(see gatekit.sparsity_loss)")
     model.add_argument("--target", type=float, help="ConvNet-AIG target execution rate (target-rate loss)")
     model.add_argument("--budget", type=float, help="fraction of the dense MACs (MAC-budget loss)")
     model.add_argument("--loss-weight", type=float, default=1.0, help="weight of the target-rate / MAC-budget loss")
@@ -111,6 +114,8 @@ def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--method channel has no layer gates: drop --layer and --target.")
     if args.method == "layer" and args.channel:
         parser.error("--method layer has no channel gates: drop --channel.")
+    if args.channel_rates != "executed" and not args.channel:
+        parser.error("--channel-rates changes the paper loss's channel term: give --channel too.")
 
 
 def regularizer(args: argparse.Namespace):
@@ -118,7 +123,7 @@ def regularizer(args: argparse.Namespace):
         return gatekit.TargetRateLoss(target=args.target, weight=args.loss_weight)
     if args.budget is not None:
         return gatekit.MacBudgetLoss(budget=args.budget, weight=args.loss_weight)
-    return gatekit.SparsityLoss(layer=args.layer, channel=args.channel)
+    return gatekit.SparsityLoss(layer=args.layer, channel=args.channel, channel_rates=args.channel_rates)
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:

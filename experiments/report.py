@@ -3,8 +3,9 @@
 Every ``model.pt`` under ``SWEEP/<dataset>/`` is profiled with ``gatekit.profile`` (what ``gatekit
 profile`` runs) on the val split and on the test split(s): CIFAR-10 on the 1000 lossless official test
 images and, separately, on all 10000 re-encoded as JPEG. Results go to ``RESULTS/<dataset>/``:
-``runs.json`` (every figure of every run), ``table.md`` and ``accuracy_vs_macs.png``. Settings are
-chosen on val; the test columns are only reported.
+``runs.json`` (every figure of every run), ``table.md``, ``accuracy_vs_macs_<split>.png`` and
+``equal_macs_<split>.md`` (each method's test accuracy interpolated at shared MAC fractions, for the claims).
+Settings are chosen on val; the test columns are only reported.
 
     python experiments/report.py runs/sweep --results results
 """
@@ -22,7 +23,8 @@ from gatekit.datasets import load_dataset
 
 TEST_SETS = {"cifar10": ("cifar10", "cifar10-jpeg"), "fashion-mnist": ("fashion-mnist",), "mnist": ("mnist",)}
 METHOD_LABELS = {
-    "dlcg": "DLCG (paper loss)", "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
+    "dlcg": "DLCG (paper loss)", "dlcgraw": "DLCG (paper loss, raw channel rates)",
+    "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
     "budget": "DLCG (MAC-budget loss)", "static": "Torch-Pruning static", "dense": "dense",
 }
 
@@ -70,17 +72,56 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
         goal = config.get("target") or config.get("budget") or config.get("static_fraction") or ""
         cells = [METHOD_LABELS.get(row["method"], row["method"]), row["run"],
                  _fmt(config.get("layer")), _fmt(config.get("channel")), _fmt(goal),
-                 _fmt(val["execution_rate"], 3), _fmt(val["channel_rate"], 3), f"{100 * val['accuracy']:.2f}",
+                 _rate(val["execution_rate"]), _rate(val["channel_rate"]), f"{100 * val['accuracy']:.2f}",
                  *[f"{100 * row[s]['accuracy']:.2f}" for s in tests],
                  f"{val['mean_macs'] / 1e9:.4f}", f"{100 * val['mean_macs'] / reference_macs:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def _fmt(value, digits: int = 3) -> str:
+GATED_METHODS = ("dlcg", "dlcgraw", "channel", "aig", "budget")
+COMPARED_FRACTIONS = (0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
+
+
+def accuracy_at(points: list[tuple[float, float]], fraction: float) -> float | None:
+    """Accuracy at ``fraction`` of the MACs, linear between the two neighbouring (fraction, accuracy)
+    points; None outside their span: no extrapolation."""
+    points = sorted(points)
+    for x, y in points:
+        if x == fraction:
+            return y
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= fraction <= x1:
+            return y0 + (y1 - y0) * (fraction - x0) / (x1 - x0)
+    return None
+
+
+def write_equal_macs(rows: list[dict], split: str, path: Path) -> None:
+    """Accuracy (%) of each method at each of ``COMPARED_FRACTIONS`` of the dense ResNet20's MACs."""
+    reference = next(r[split]["mean_macs"] for r in rows if r["run"] == "dense-resnet20")
+    methods = [m for m in (*GATED_METHODS, "static") if any(r["method"] == m for r in rows)]
+    lines = [f"Accuracy on `{split}` (%), interpolated at equal fractions of the dense ResNet20's MACs "
+             "(–: outside the method's runs).", "",
+             "| % of MACs | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+             "|" + "---|" * (len(methods) + 1)]
+    for fraction in COMPARED_FRACTIONS:
+        values = [accuracy_at([(r[split]["mean_macs"] / reference, r[split]["accuracy"]) for r in rows
+                               if r["method"] == m], fraction) for m in methods]
+        lines.append(f"| {100 * fraction:.0f} | " + " | ".join("–" if v is None else f"{100 * v:.2f}" for v in values) + " |")
+    dense = sorted((r[split]["mean_macs"] / reference, r["run"], r[split]["accuracy"]) for r in rows if r["method"] == "dense")
+    lines += ["", "Dense: " + ", ".join(f"{run} {100 * a:.2f} % at {100 * f:.1f} %" for f, run, a in dense) + "."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def _fmt(value) -> str:
+    """A setting: "–" where it is unset or 0 (a loss term that is off)."""
     if value in (None, "", 0, 0.0):
         return "–"
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
@@ -90,7 +131,7 @@ def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, marker in (("dlcg", "o-"), ("channel", "s-"), ("aig", "^-"), ("budget", "D-")):
+    for method, marker in (("dlcg", "o-"), ("dlcgraw", "v-"), ("channel", "s-"), ("aig", "^-"), ("budget", "D-")):
         points = sorted((r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"]) for r in rows if r["method"] == method)
         if points:
             axes.plot(*zip(*points), marker, label=METHOD_LABELS[method])
@@ -144,9 +185,11 @@ def main() -> None:
         (out / "runs.json").write_text(json.dumps(rows, indent=1))
         reference = next(r["val"]["dense_macs"] for r in rows if r["run"] == "dense-resnet20")
         write_table(rows, dataset, reference, out / "table.md")
-        for split in splits:
-            if split != "val":
-                plot(rows, dataset, split, out / f"accuracy_vs_macs_{split}.png")
+        tests = [split for split in splits if split != "val"]
+        for split in tests:
+            plot(rows, dataset, split, out / f"accuracy_vs_macs_{split}.png")
+        for split in tests:
+            write_equal_macs(rows, split, out / f"equal_macs_{split}.md")
 
 
 if __name__ == "__main__":

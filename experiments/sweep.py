@@ -7,7 +7,8 @@ Per dataset, with the same budget for every method:
    with the paper's loss at each ``sparsity`` of ``GRIDS``; ConvNet-AIG layer gating with the
    target-rate loss at each ``target``; DLCG with the MAC-budget loss and Torch-Pruning's static peer
    at each ``budget``; and the dense ResNet20 itself, so that it has the same budget. ResNet14 and ResNet8
-   finetune densely for the same epochs.
+   finetune densely for the same epochs. Last, DLCG whose channel term counts each channel gate's own
+   rate (``--channel-rates raw``, eq. 5 read literally) at the four strongest channel settings.
 
 Each run is ``examples/train.py`` in its own process (``--workers`` at a time, on ``--device``), writing
 ``OUT/<dataset>/<run>/``. A rerun skips finished runs and resumes unfinished ones. Evaluation is left to
@@ -47,8 +48,10 @@ class Run:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
 
-def plan(dataset: str, dense_epochs: int, finetune_epochs: int, grid: str = "full") -> list[Run]:
-    """The runs of one dataset, in the order they should start."""
+def plan(dataset: str, dense_epochs: int, finetune_epochs: int, grid: str = "full",
+         extra_channel: tuple[float, ...] = ()) -> list[Run]:
+    """The runs of one dataset, in the order they should start; ``extra_channel``: more gammas for the
+    methods whose filters close one by one (channel gating, raw-rate DLCG)."""
     prefix = "mnist" if dataset != "cifar10" else "cifar"
     runs = [Run(f"pretrain-resnet{depth}", ["--method", "dense", "--model", f"{prefix}/resnet{depth}",
                                             "--epochs", str(dense_epochs), "--lr", "0.1"])
@@ -69,6 +72,12 @@ def plan(dataset: str, dense_epochs: int, finetune_epochs: int, grid: str = "ful
     for budget in settings["budgets"]:
         runs.append(finetune(f"budget-b{budget}", base, "--method", "dlcg", "--budget", str(budget)))
         runs.append(finetune(f"static-f{budget}", base, "--method", "static", "--static-fraction", str(budget)))
+    for value in extra_channel:
+        runs.append(finetune(f"channel-c{value}", base, "--method", "channel", "--channel", str(value)))
+    # Last, beyond the issue (added after the MNIST and Fashion-MNIST sweeps): the four strongest gammas.
+    for value in (*settings["sparsity"], *extra_channel)[-4:]:
+        runs.append(finetune(f"dlcgraw-l{value}-c{value}", base, "--method", "dlcg", "--layer", str(value),
+                             "--channel", str(value), "--channel-rates", "raw"))
     return runs
 
 
@@ -144,6 +153,8 @@ def main() -> None:
                         help="seconds: measure throughput first and pick the epochs (dense = 2 x finetune) to fit")
     parser.add_argument("--small-grid", nargs="*", default=[], help="datasets that get GRIDS['small']")
     parser.add_argument("--mnist-scale", type=float, default=1.0, help="MNIST's epochs relative to the others'")
+    parser.add_argument("--extra-channel", type=float, nargs="*", default=[],
+                        help="more gammas for channel gating and raw-rate DLCG (when their filters close too slowly)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds after which no run starts")
@@ -172,7 +183,7 @@ def main() -> None:
         scale = args.mnist_scale if dataset == "mnist" else 1.0
         grid = "small" if dataset in args.small_grid else "full"
         runs[dataset] = [r for r in plan(dataset, max(1, round(args.dense_epochs * scale)),
-                                          max(1, round(args.finetune_epochs * scale)), grid)
+                                          max(1, round(args.finetune_epochs * scale)), grid, tuple(args.extra_channel))
                          if not args.only or r.name in args.only]
     (args.out / "sweep.json").write_text(json.dumps(dict(vars(args), out=str(args.out), deadline=args.deadline), indent=1))
     execute(runs, args.out, args.workers, common, time.time() + args.deadline)

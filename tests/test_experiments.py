@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "experiments")]
 
 import pack_data  # noqa: E402
+import report  # noqa: E402
 import static_prune  # noqa: E402
 import sweep  # noqa: E402
 import train  # noqa: E402
@@ -76,10 +77,13 @@ def test_train_refuses_arguments_that_cannot_mean_what_the_user_wants(capsys):
         (["--method", "channel", "--layer", "0.1"], "no layer gates"),
         (["--method", "static", "--static-fraction", "0.5"], "give --init"),
         (["--method", "dlcg", "--target", "0.5", "--budget", "0.5"], "not both"),
+        (["--method", "dlcg", "--target", "0.5", "--channel-rates", "raw"], "give --channel too"),
     ):
         with pytest.raises(SystemExit):
             train.parse_args(["--out", "x", *argv])
         assert message in capsys.readouterr().err
+    args = train.parse_args(["--out", "x", "--method", "dlcg", "--channel", "0.1", "--channel-rates", "raw"])
+    assert train.regularizer(args).channel_rates == "raw"
 
 
 def test_augment_crops_and_flips_each_image_by_its_own_draw():
@@ -138,9 +142,33 @@ def test_pack_and_unpack_give_the_same_training_images(tmp_path, monkeypatch):
 def test_sweep_plan_gives_every_method_the_same_budget():
     runs = sweep.plan("cifar10", dense_epochs=4, finetune_epochs=2)
     names = [r.name for r in runs]
-    assert {n.split("-")[0] for n in names} == {"pretrain", "dense", "dlcg", "channel", "aig", "budget", "static"}
+    assert {n.split("-")[0] for n in names} == {"pretrain", "dense", "dlcg", "dlcgraw", "channel", "aig", "budget", "static"}
     for run in runs:
         epochs = int(run.arguments[run.arguments.index("--epochs") + 1])
         assert epochs == (4 if run.name.startswith("pretrain") else 2)
         assert run.after is None or run.after in names
-    assert sum(n.startswith("dlcg") for n in names) == len(sweep.GRIDS["full"]["sparsity"]) >= 4
+    assert sum(n.startswith("dlcg-") for n in names) == len(sweep.GRIDS["full"]["sparsity"]) >= 4
+    assert sum("--channel-rates" in r.arguments for r in runs) == len(sweep.GRIDS["full"]["sparsity"])
+    names = [r.name for r in sweep.plan("cifar10", 4, 1, extra_channel=(0.03, 0.06))]
+    assert {"channel-c0.03", "channel-c0.06", "dlcgraw-l0.06-c0.06"} <= set(names)
+    assert sum(n.startswith("dlcgraw") for n in names) == 4 and "dlcgraw-l0.001-c0.001" not in names
+
+
+def test_report_compares_methods_at_equal_macs_without_extrapolating(tmp_path):
+    assert report.accuracy_at([(0.2, 0.5), (0.6, 0.9)], 0.5) == pytest.approx(0.8)
+    assert report.accuracy_at([(0.6, 0.9), (0.2, 0.5)], 0.2) == pytest.approx(0.5)  # any order
+    assert report.accuracy_at([(0.2, 0.5), (0.6, 0.9)], 0.7) is None
+    assert report.accuracy_at([(0.5, 0.9)], 0.5) == 0.9
+    assert report.accuracy_at([(0.5, 0.9)], 0.4) is None
+
+    def row(run: str, macs: float, accuracy: float) -> dict:
+        return dict(run=run, method=report.method_of(run), test=dict(mean_macs=macs, accuracy=accuracy))
+
+    # Static and smaller dense models count against the dense ResNet20's MACs, not their own.
+    rows = [row("dense-resnet20", 100.0, 0.92), row("dense-resnet14", 65.0, 0.91),
+            row("aig-t0.8", 90.0, 0.90), row("aig-t0.2", 20.0, 0.60), row("static-f0.5", 50.0, 0.88)]
+    report.write_equal_macs(rows, "test", tmp_path / "equal.md")
+    table = (tmp_path / "equal.md").read_text()
+    assert "| 50 | 72.86 | 88.00 |" in table  # 60 + (90 - 60) * (50 - 20) / (90 - 20)
+    assert "| 40 | 68.57 | – |" in table
+    assert "dense-resnet14 91.00 % at 65.0 %" in table

@@ -145,10 +145,25 @@ def test_sparsity_loss_does_not_count_channels_of_skipped_blocks():
     assert sparsity_loss(model, channel=1.0).item() == 32.0
 
 
-def test_sparsity_loss_rejects_an_unknown_reduction():
+def test_sparsity_loss_raw_channels_count_skipped_blocks_and_leave_layer_gates_alone():
+    model = run_randomized()
+    expected = sum((gate.channel_gates.mean(0) ** 2).sum().item() for gate in gates_of(model).values())
+    loss = sparsity_loss(model, channel=1.0, channel_rates="raw")
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() > sparsity_loss(model, channel=1.0).item()  # some blocks were skipped
+    last = list(gates_of(model).values())[-1]  # earlier layer gates reach later gates through the features
+    raw_gradient, = torch.autograd.grad(loss, last.layer_head.weight, allow_unused=True)
+    executed_gradient, = torch.autograd.grad(sparsity_loss(model, channel=1.0), last.layer_head.weight)
+    assert raw_gradient is None or not raw_gradient.any()
+    assert executed_gradient.any()
+
+
+def test_sparsity_loss_rejects_an_unknown_reduction_or_channel_counting():
     model = run_randomized()
     with pytest.raises(GatekitError, match="reduction"):
         sparsity_loss(model, layer=1.0, reduction="max")
+    with pytest.raises(GatekitError, match="channel_rates=.all."):
+        sparsity_loss(model, channel=1.0, channel_rates="all")
 
 
 # --- Target-rate loss (paper eq. 2) ---------------------------------------------------------------

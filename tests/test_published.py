@@ -1,7 +1,8 @@
 """The published checkpoints (results/<dataset>/runs/): they load, ``gatekit profile`` reproduces the
 reported figures, and sparse execution is exact on finetuned gates, not only on random ones.
 
-Needs the Fashion-MNIST test split (``../shared/data`` or ``$GATEKIT_DATA``); skipped without it.
+Needs the Fashion-MNIST and CIFAR-10 test splits (``../shared/data`` or ``$GATEKIT_DATA``); skipped
+without them.
 """
 from __future__ import annotations
 
@@ -17,25 +18,30 @@ from gatekit.datasets import load_dataset
 from gatekit.errors import GatekitError
 from gatekit.macs import measure_costs
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist"
-GATED = ("dlcg-l0.0025-c0.0025", "channel-c0.006", "aig-t0.4", "budget-b0.4")
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+GATED = ("dlcg-l0.0025-c0.0025", "channel-c0.006", "aig-t0.4", "budget-b0.4")  # Fashion-MNIST
+
+
+def load_test_split(dataset: str):
+    try:
+        return load_dataset(dataset, split="test")
+    except GatekitError as error:
+        pytest.skip(f"needs the {dataset} data (set GATEKIT_DATA to the folder holding it): {error}")
 
 
 @pytest.fixture(scope="module")
 def test_images():
-    try:
-        return load_dataset("fashion-mnist", split="test")
-    except GatekitError as error:
-        pytest.skip(f"needs fashion_mnist.npz (set GATEKIT_DATA to the folder holding it): {error}")
+    return load_test_split("fashion-mnist")
 
 
-def reported(run: str) -> dict:
-    return next(row for row in json.loads((RESULTS / "runs.json").read_text()) if row["run"] == run)
+def reported(dataset: str, run: str) -> dict:
+    rows = json.loads((RESULTS / dataset / "runs.json").read_text())
+    return next(row for row in rows if row["run"] == run)
 
 
 @pytest.mark.parametrize("run", GATED)
 def test_sparse_execution_is_exact_on_finetuned_gates(run, test_images):
-    gated = gatekit.load(RESULTS / "runs" / run / "model.pt")
+    gated = gatekit.load(RESULTS / "fashion-mnist" / "runs" / run / "model.pt")
     images = test_images.tensors[0][:64]
     # These checkpoints were converted at 224 x 224 (the default then): count at the data's size.
     costs = measure_costs(gated, gated.gatekit.sites, images[:1])
@@ -50,9 +56,10 @@ def test_sparse_execution_is_exact_on_finetuned_gates(run, test_images):
             assert counter.get_total_flops() // 2 == gatekit.dynamic_macs(gated, costs).item()
 
 
-def test_profile_reproduces_the_reported_accuracy_and_macs(test_images):
-    run = "dlcg-l0.0025-c0.0025"
-    report = gatekit.profile(gatekit.load(RESULTS / "runs" / run / "model.pt"), test_images, batch_size=500)
-    expected = reported(run)["test"]
+@pytest.mark.parametrize("dataset, run", [("fashion-mnist", "dlcg-l0.0025-c0.0025"), ("cifar10", "dlcg-l0.0025-c0.0025")])
+def test_profile_reproduces_the_reported_accuracy_and_macs(dataset, run):
+    report = gatekit.profile(gatekit.load(RESULTS / dataset / "runs" / run / "model.pt"), load_test_split(dataset),
+                             batch_size=500)
+    expected = reported(dataset, run)["test"]
     assert report.accuracy == pytest.approx(expected["accuracy"], abs=1e-9)
     assert report.mean_macs == pytest.approx(expected["mean_macs"], rel=1e-9)
