@@ -107,8 +107,10 @@ def write_equal_macs(rows: list[dict], split: str, path: Path) -> None:
     for fraction in COMPARED_FRACTIONS:
         values = [accuracy_at([(r[split]["mean_macs"] / reference, r[split]["accuracy"]) for r in rows
                                if r["method"] == m], fraction) for m in methods]
-        lines.append(f"| {100 * fraction:.0f} | " + " | ".join("–" if v is None else f"{100 * v:.2f}" for v in values) + " |")
-    dense = sorted((r[split]["mean_macs"] / reference, r["run"], r[split]["accuracy"]) for r in rows if r["method"] == "dense")
+        cells = ["–" if v is None else f"{100 * v:.2f}" for v in values]
+        lines.append(f"| {100 * fraction:.0f} | " + " | ".join(cells) + " |")
+    dense = sorted((r[split]["mean_macs"] / reference, r["run"], r[split]["accuracy"])
+                   for r in rows if r["method"] == "dense")
     lines += ["", "Dense: " + ", ".join(f"{run} {100 * a:.2f} % at {100 * f:.1f} %" for f, run, a in dense) + "."]
     path.write_text("\n".join(lines) + "\n")
 

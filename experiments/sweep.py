@@ -182,9 +182,9 @@ def main() -> None:
     for dataset in args.datasets:
         scale = args.mnist_scale if dataset == "mnist" else 1.0
         grid = "small" if dataset in args.small_grid else "full"
-        runs[dataset] = [r for r in plan(dataset, max(1, round(args.dense_epochs * scale)),
-                                          max(1, round(args.finetune_epochs * scale)), grid, tuple(args.extra_channel))
-                         if not args.only or r.name in args.only]
+        planned = plan(dataset, max(1, round(args.dense_epochs * scale)), max(1, round(args.finetune_epochs * scale)),
+                       grid, tuple(args.extra_channel))
+        runs[dataset] = [r for r in planned if not args.only or r.name in args.only]
     (args.out / "sweep.json").write_text(json.dumps(dict(vars(args), out=str(args.out), deadline=args.deadline), indent=1))
     execute(runs, args.out, args.workers, common, time.time() + args.deadline)
 
