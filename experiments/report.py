@@ -79,7 +79,7 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
     path.write_text("\n".join(lines) + "\n")
 
 
-GATED_METHODS = ("dlcg", "dlcgraw", "channel", "aig", "budget")
+GATED_MARKERS = {"dlcg": "o-", "dlcgraw": "v-", "channel": "s-", "aig": "^-", "budget": "D-"}  # curves in the plot
 COMPARED_FRACTIONS = (0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
 
 
@@ -99,7 +99,7 @@ def accuracy_at(points: list[tuple[float, float]], fraction: float) -> float | N
 def write_equal_macs(rows: list[dict], split: str, path: Path) -> None:
     """Accuracy (%) of each method at each of ``COMPARED_FRACTIONS`` of the dense ResNet20's MACs."""
     reference = next(r[split]["mean_macs"] for r in rows if r["run"] == "dense-resnet20")
-    methods = [m for m in (*GATED_METHODS, "static") if any(r["method"] == m for r in rows)]
+    methods = [m for m in (*GATED_MARKERS, "static") if any(r["method"] == m for r in rows)]
     lines = [f"Accuracy on `{split}` (%), interpolated at equal fractions of the dense ResNet20's MACs "
              "(–: outside the method's runs).", "",
              "| % of MACs | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
@@ -133,7 +133,7 @@ def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, marker in (("dlcg", "o-"), ("dlcgraw", "v-"), ("channel", "s-"), ("aig", "^-"), ("budget", "D-")):
+    for method, marker in GATED_MARKERS.items():
         points = sorted((r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"]) for r in rows if r["method"] == method)
         if points:
             axes.plot(*zip(*points), marker, label=METHOD_LABELS[method])
@@ -187,10 +187,8 @@ def main() -> None:
         (out / "runs.json").write_text(json.dumps(rows, indent=1))
         reference = next(r["val"]["dense_macs"] for r in rows if r["run"] == "dense-resnet20")
         write_table(rows, dataset, reference, out / "table.md")
-        tests = [split for split in splits if split != "val"]
-        for split in tests:
+        for split in (s for s in splits if s != "val"):
             plot(rows, dataset, split, out / f"accuracy_vs_macs_{split}.png")
-        for split in tests:
             write_equal_macs(rows, split, out / f"equal_macs_{split}.md")
 
 
