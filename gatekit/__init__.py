@@ -1,7 +1,11 @@
 """gatekit: dynamic channel and layer gating for residual networks (Bejnordi and Krestel)."""
 from .blocks import GateSite, register_channelwise_module
 from .convert import convert, gate_sites
-from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError, NotConvertedError, TraceError
+from .errors import (
+    AlreadyConvertedError, GatekitError, InternalError, NoResidualBlockError, NotConvertedError, SkippedBlocksWarning,
+    TraceError, UngatableBlockError,
+)
+from .skipped_sites import SkippedSite
 from .gate import Gate
 from .dynamic_macs import dynamic_macs
 from .gated_model import GatekitInfo, gates_of

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
+from .gate import Gate
 
 TracingHints = tuple[Iterable[type[nn.Module]], Iterable[Callable[..., Any]]]
 _hint_providers: list[Callable[[], TracingHints]] = []
@@ -85,3 +86,23 @@ def trace(
             f"with `autowrap_functions=[fn]`. A module kept whole cannot contain a residual block."
         ) from error
     return fx.GraphModule(tracer.root, graph, class_name or type(model).__name__)
+
+
+def trace_model(
+    model: nn.Module,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    class_name: str | None = None,
+) -> fx.GraphModule:
+    """:func:`trace` with every adapter's tracing hints, keeping gates whole (a gated model traces too).
+
+    Raises:
+        TraceError: torch.fx cannot trace the model; the message names the module that failed.
+    """
+    from .adapters import load_adapters  # imported here: adapters import gatekit's public modules
+
+    load_adapters()
+    return trace(
+        model, leaf_modules=tuple(leaf_modules) + (Gate,), autowrap_functions=autowrap_functions,
+        class_name=class_name,
+    )

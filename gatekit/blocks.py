@@ -8,7 +8,7 @@ paths are consulted, so models nobody listed are found the same way. See docs/de
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -17,6 +17,7 @@ from torch import nn
 from .channel_path import gated_path, is_conv, layer_width
 from .channel_path import register_channelwise_module  # noqa: F401  (adapters import it from here)
 from .macs import node_macs
+from .skipped_sites import INTERNAL, SkippedSite, live_nodes, why_not_gated
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -95,87 +96,123 @@ def _module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def _split_block(
-    graph_module: fx.GraphModule, ancestry: _Ancestry, add: fx.Node
-) -> tuple[fx.Node, fx.Node, set[fx.Node], set[fx.Node]] | None:
-    """Return (block input, branch output, branch nodes, shortcut nodes) of a residual add, or None."""
+@dataclass(frozen=True)
+class _Candidate:
+    """An add with a block input and a branch holding more convolutions than its shortcut."""
+
+    add: fx.Node
+    block_input: fx.Node | None
+    branch_output: fx.Node
+    branch: set[fx.Node]
+    shortcut: set[fx.Node]
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    """Whether shape propagation saw one tensor at ``node`` (not a tuple, a size or a number)."""
+    return hasattr(node.meta.get("tensor_meta"), "shape")
+
+
+def _split_block(graph_module: fx.GraphModule, ancestry: _Ancestry, add: fx.Node) -> _Candidate | None:
+    """The block input, branch output, branch and shortcut nodes of a residual add, or None when
+    the add is no residual block (unrelated operands, two equal paths)."""
     left, right = add.args[0], add.args[1]
-    if left in ancestry(right):
-        return left, right, ancestry.between(left, right), set()
-    if right in ancestry(left):
-        return right, left, ancestry.between(right, left), set()
+    for block_input, branch_output in ((left, right), (right, left)):
+        if block_input in ancestry(branch_output):
+            branch = ancestry.between(block_input, branch_output)
+            if not any(is_conv(graph_module, n) for n in branch):
+                return None  # x + f(x) without a convolution: an activation, not a residual block
+            return _Candidate(add, block_input, branch_output, branch, set())
     common = (ancestry(left) | {left}) & (ancestry(right) | {right})
     if not common:
         return None
-    block_input = max(common, key=ancestry.order.__getitem__)
-    left_nodes = ancestry.between(block_input, left)
-    right_nodes = ancestry.between(block_input, right)
+    # The gate reads the block input, so it must be one tensor: the latest common ancestor that is.
+    tensors = [n for n in common if _is_tensor(n)]
+    latest = max(common, key=ancestry.order.__getitem__)
+    block_input = max(tensors, key=ancestry.order.__getitem__) if tensors else None
+    start = block_input if block_input is not None else latest
+    left_nodes, right_nodes = ancestry.between(start, left), ancestry.between(start, right)
     left_convs = sum(is_conv(graph_module, n) for n in left_nodes)
     right_convs = sum(is_conv(graph_module, n) for n in right_nodes)
     if left_convs == right_convs:
         return None  # two equal paths: a multi-branch merge, not a residual block
     if left_convs > right_convs:
-        return block_input, left, left_nodes, right_nodes
-    return block_input, right, right_nodes, left_nodes
-
-
-def _is_closed(ancestry: _Ancestry, block_input: fx.Node, nodes: set[fx.Node]) -> bool:
-    """Whether every tensor the branch reads comes from the block input or from inside the branch."""
-    for node in nodes:
-        for parent in node.all_input_nodes:
-            depends_on_data = parent.op == "placeholder" or any(
-                a.op == "placeholder" for a in ancestry(parent)
-            )
-            if parent is not block_input and parent not in nodes and depends_on_data:
-                return False
-    return True
+        return _Candidate(add, block_input, left, left_nodes, right_nodes)
+    return _Candidate(add, block_input, right, right_nodes, left_nodes)
 
 
 def find_gate_sites(graph_module: fx.GraphModule) -> list[GateSite]:
-    """List the residual blocks of a traced, shape-propagated model, in graph order.
+    """List the residual blocks of a traced, shape-propagated model that can be gated, in graph order.
 
     Args:
         graph_module: output of :func:`gatekit._tracing.trace` after ``ShapeProp`` ran on it.
 
     Returns:
-        One :class:`GateSite` per residual add whose branch holds a convolution.
+        One :class:`GateSite` per residual add whose branch holds a convolution and can be gated;
+        :func:`discover` also says why the others cannot.
+    """
+    return discover(graph_module)[0]
+
+
+def discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[SkippedSite]]:
+    """The residual blocks of a traced, shape-propagated model: those that can be gated, and those
+    that cannot (a branch value used outside the branch, a fusion of parallel paths, ...), each in
+    graph order. A failure analysing one block is a skipped site, its reason naming the failure.
     """
     ancestry = _Ancestry(graph_module.graph)
     macs = node_macs(graph_module)
-    found: list[tuple[fx.Node, dict]] = []
+    live = live_nodes(graph_module.graph)
+    outcomes: list[tuple[fx.Node, dict | SkippedSite]] = []
     for add in graph_module.graph.nodes:
         if not _is_residual_add(add):
             continue
-        split = _split_block(graph_module, ancestry, add)
-        if split is None:
+        candidate = _split_block(graph_module, ancestry, add)
+        if candidate is None:
             continue
-        block_input, branch_output, branch, shortcut = split
-        convs = sorted((n for n in branch if is_conv(graph_module, n)), key=ancestry.order.__getitem__)
-        if not convs or not _is_closed(ancestry, block_input, branch | shortcut):
-            continue
-        ordered = sorted(branch, key=ancestry.order.__getitem__)
-        path = gated_path(graph_module, block_input, branch_output, ordered, convs[0])
-        consumer = path.consumer
-        scaled = list(path.roles)  # the layers whose cost follows the number of channels on
-        found.append((add, dict(
-            in_channels=int(block_input.meta["tensor_meta"].shape[1]),
-            channels=layer_width(graph_module.get_submodule(path.layer.target)),
-            first_conv=path.layer.target,
-            channelwise_ops=tuple(_describe(n) for n in path.ops),
-            consumer=consumer.target if consumer is not None else None,
-            shortcut=_shortcut_kind(graph_module, shortcut),
-            block_input_node=block_input.name,
-            channel_gate_node=path.mask_after.name,
-            branch_output_node=branch_output.name,
-            add_node=add.name,
-            branch_macs=sum(macs.get(n, 0) for n in branch),
-            channel_macs=sum(macs.get(n, 0) for n in scaled),
-            branch_layers=tuple(n.name for n in ordered if n in macs),
-            scaled_layers=tuple(n.name for n in scaled if n in macs),
-            sliced_layers=tuple((n.name, role) for n, role in path.roles.items()),
-            channel_dim=path.channel_dim,
-        )))
-    return [GateSite(name=name, **fields) for name, (add, fields) in zip(_block_names([a for a, _ in found]), found)]
+        try:
+            problem = why_not_gated(graph_module, ancestry, candidate, live)
+            if problem is not None:
+                node, kind, reason = problem
+                outcomes.append((add, SkippedSite("", add.name, node.name, kind, reason)))
+            else:
+                outcomes.append((add, _site_fields(graph_module, ancestry, macs, candidate)))
+        except Exception as error:  # noqa: BLE001  (reported as a skipped site, never lost)
+            reason = (
+                f"gatekit failed analysing it ({type(error).__name__}: {error}); this is a gatekit bug, "
+                f"please report it with the model"
+            )
+            outcomes.append((add, SkippedSite("", add.name, add.name, INTERNAL, reason)))
+    names = _block_names([add for add, _ in outcomes])
+    sites = [GateSite(name=name, **o) for name, (_, o) in zip(names, outcomes) if isinstance(o, dict)]
+    skipped = [replace(o, name=name) for name, (_, o) in zip(names, outcomes) if isinstance(o, SkippedSite)]
+    return sites, skipped
+
+
+def _site_fields(graph_module: fx.GraphModule, ancestry: _Ancestry, macs: dict[fx.Node, int], candidate: _Candidate) -> dict:
+    """Every :class:`GateSite` field but the name, for a candidate that can be gated."""
+    block_input, branch_output, branch = candidate.block_input, candidate.branch_output, candidate.branch
+    convs = sorted((n for n in branch if is_conv(graph_module, n)), key=ancestry.order.__getitem__)
+    ordered = sorted(branch, key=ancestry.order.__getitem__)
+    path = gated_path(graph_module, block_input, branch_output, ordered, convs[0])
+    consumer = path.consumer
+    scaled = list(path.roles)  # the layers whose cost follows the number of channels on
+    return dict(
+        in_channels=int(block_input.meta["tensor_meta"].shape[1]),
+        channels=layer_width(graph_module.get_submodule(path.layer.target)),
+        first_conv=path.layer.target,
+        channelwise_ops=tuple(_describe(n) for n in path.ops),
+        consumer=consumer.target if consumer is not None else None,
+        shortcut=_shortcut_kind(graph_module, candidate.shortcut),
+        block_input_node=block_input.name,
+        channel_gate_node=path.mask_after.name,
+        branch_output_node=branch_output.name,
+        add_node=candidate.add.name,
+        branch_macs=sum(macs.get(n, 0) for n in branch),
+        channel_macs=sum(macs.get(n, 0) for n in scaled),
+        branch_layers=tuple(n.name for n in ordered if n in macs),
+        scaled_layers=tuple(n.name for n in scaled if n in macs),
+        sliced_layers=tuple((n.name, role) for n, role in path.roles.items()),
+        channel_dim=path.channel_dim,
+    )
 
 
 def _shortcut_kind(graph_module: fx.GraphModule, shortcut: set[fx.Node]) -> str:

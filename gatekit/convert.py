@@ -4,19 +4,22 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, overload
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import _tracing
+from ._tracing import trace_model
 from ._shapes import propagate_shapes
-from .blocks import GateSite, find_gate_sites
+from ._canonical import canonicalize
+from ._internal import internal_errors
+from .blocks import GateSite, discover
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
 from .gated_model import GATE_MODES, SOURCE_ATTRIBUTE, GatekitInfo, attach_info, gate_key
 from .macs import node_macs
+from .skipped_sites import SkippedSite, report_skipped
 
 
 def convert(
@@ -33,6 +36,7 @@ def convert(
     leaf_modules: Sequence[type[nn.Module]] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     inplace: bool = False,
+    strict: bool = False,
 ) -> fx.GraphModule:
     """Return a copy of ``model`` with a gate in every residual block.
 
@@ -52,6 +56,8 @@ def convert(
         leaf_modules: module types torch.fx must not trace into.
         autowrap_functions: free functions torch.fx must record as calls instead of tracing.
         inplace: reuse the model's parameters instead of copying them first.
+        strict: refuse the model if any residual block cannot be gated, instead of leaving those
+            blocks as they are with one :class:`gatekit.errors.SkippedBlocksWarning` naming each.
 
     Returns:
         A ``torch.fx.GraphModule``, each module in its train/eval mode; ``result.gatekit`` describes the
@@ -60,7 +66,8 @@ def convert(
     Raises:
         AlreadyConvertedError: ``model`` already has gatekit gates.
         TraceError: torch.fx cannot trace the model (the message names the module).
-        NoResidualBlockError: no residual block was found, or the patterns matched none.
+        NoResidualBlockError: no residual block can be gated, or the patterns matched none.
+        UngatableBlockError: ``strict`` and a block cannot be gated (the message says why).
 
     >>> import torchvision
     >>> gated = convert(torchvision.models.resnet18(), example_input=torch.randn(1, 3, 64, 64))
@@ -74,7 +81,9 @@ def convert(
         model = copy.deepcopy(model)
     graph_module = trace_model(model, leaf_modules, autowrap_functions, class_name=f"Gated{type(model).__name__}")
     example_input = propagate_shapes(graph_module, model, example_input)
-    sites = _select(find_gate_sites(graph_module), include, exclude, model)
+    found, skipped = _discover(graph_module)
+    sites, skipped = _select(found, skipped, include, exclude, model)
+    report_skipped(type(model).__name__, len(sites), skipped, strict=strict)
     dense_macs = sum(node_macs(graph_module).values())
 
     channel_head, layer_head = "channel" in gates, "layer" in gates
@@ -86,12 +95,15 @@ def convert(
             hidden=hidden, temperature=temperature, init_bias=init_bias,
         )
         graph_module.gatekit_gates[gate_key(site.name)] = gate.to(example_input.device, example_input.dtype)
-        _insert_gate(graph_module.graph, nodes, site, channel_head, layer_head)
-    graph_module.graph.lint()
-    graph_module.recompile()
+        with internal_errors("inserting a gate", site.add_node, block=site.name):
+            _insert_gate(graph_module.graph, nodes, site, channel_head, layer_head)
+    with internal_errors("checking the gated graph", "its nodes"):
+        graph_module.graph.lint()
+        graph_module.recompile()
     attach_info(graph_module, GatekitInfo(
         mode=gates,
         sites=tuple(sites),
+        skipped=tuple(skipped),
         dense_macs=dense_macs,
         input_shape=tuple(example_input.shape),
         regularizer=regularizer,
@@ -108,17 +120,38 @@ def convert(
     return graph_module
 
 
+@overload
+def gate_sites(
+    model: nn.Module, *, example_input: Tensor | None = ..., leaf_modules: Sequence[type[nn.Module]] = ...,
+    autowrap_functions: Sequence[Callable[..., Any]] = ..., skipped: Literal[False] = ...,
+) -> list[GateSite]: ...
+@overload
+def gate_sites(
+    model: nn.Module, *, example_input: Tensor | None = ..., leaf_modules: Sequence[type[nn.Module]] = ...,
+    autowrap_functions: Sequence[Callable[..., Any]] = ..., skipped: Literal[True],
+) -> tuple[list[GateSite], list[SkippedSite]]: ...
+
+
 def gate_sites(
     model: nn.Module,
     *,
     example_input: Tensor | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
-) -> list[GateSite]:
+    skipped: bool = False,
+) -> list[GateSite] | tuple[list[GateSite], list[SkippedSite]]:
     """List where :func:`convert` would put gates, without changing ``model``.
 
     Each :class:`GateSite` gives the block's dotted ``name`` (what ``include``/``exclude`` match),
     the gated ``channels`` of its ``first_conv``, the ``consumer`` conv and the ``shortcut``.
+
+    Args:
+        model, example_input, leaf_modules, autowrap_functions: as for :func:`convert`.
+        skipped: also return the residual adds that cannot be gated, each a
+            :class:`gatekit.SkippedSite` with its ``reason``.
+
+    Returns:
+        The sites, or with ``skipped=True`` a pair (sites, skipped sites), each in graph order.
 
     Raises:
         TraceError: torch.fx cannot trace the model.
@@ -130,7 +163,15 @@ def gate_sites(
     _check_model(model)
     graph_module = trace_model(model, leaf_modules, autowrap_functions, class_name=type(model).__name__)
     propagate_shapes(graph_module, model, example_input)
-    return find_gate_sites(graph_module)
+    found, not_gated = _discover(graph_module)
+    return (found, not_gated) if skipped else found
+
+
+def _discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[SkippedSite]]:
+    """Rewrite unusual residual forms into plain ones (gatekit/_canonical.py), then find the blocks."""
+    with internal_errors("rewriting partial residuals and splits", "the traced graph"):
+        canonicalize(graph_module)
+    return discover(graph_module)
 
 
 def _check_model(model: Any) -> None:
@@ -143,49 +184,36 @@ def _check_model(model: Any) -> None:
         )
 
 
-def trace_model(
-    model: nn.Module,
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    autowrap_functions: Sequence[Callable[..., Any]] = (),
-    class_name: str | None = None,
-) -> fx.GraphModule:
-    """Trace with gatekit's tracer and every adapter's tracing hints (gates are kept whole)."""
-    from .adapters import load_adapters  # adapters add tracing hints for their model families
-
-    load_adapters()
-    return _tracing.trace(
-        model, leaf_modules=tuple(leaf_modules) + (Gate,), autowrap_functions=autowrap_functions,
-        class_name=class_name,
-    )
-
-
 def _select(
-    sites: list[GateSite], include: Sequence[str] | None, exclude: Sequence[str], model: nn.Module
-) -> list[GateSite]:
-    if not sites:
+    sites: list[GateSite], skipped: list[SkippedSite], include: Sequence[str] | None, exclude: Sequence[str],
+    model: nn.Module,
+) -> tuple[list[GateSite], list[SkippedSite]]:
+    """The sites and skipped sites the patterns select (a pattern may name a skipped site)."""
+    if not sites and not skipped:
         raise NoResidualBlockError(
             f"found no residual block in {type(model).__name__}: no elementwise add joins a branch "
             f"holding a convolution to a shortcut from the same input. gatekit gates residual "
             f"networks (ResNet, MobileNetV2, ...); a plain feed-forward CNN such as VGG has no "
             f"block to gate."
         )
-    names = [site.name for site in sites]
+    names = [site.name for site in sites] + [site.name for site in skipped]
     for pattern in list(include or ()) + list(exclude):
         if not fnmatch.filter(names, pattern):
             raise NoResidualBlockError(
                 f"the block pattern {pattern!r} matches none of the residual blocks: {', '.join(names)}."
             )
-    selected = [
-        site for site in sites
-        if (include is None or any(fnmatch.fnmatchcase(site.name, p) for p in include))
-        and not any(fnmatch.fnmatchcase(site.name, p) for p in exclude)
-    ]
-    if not selected:
+
+    def chosen(name: str) -> bool:
+        included = include is None or any(fnmatch.fnmatchcase(name, p) for p in include)
+        return included and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+    selected = [site for site in sites if chosen(site.name)]
+    if sites and not selected:
         raise NoResidualBlockError("include/exclude left no block to gate; gate at least one.")
     keys = [gate_key(site.name) for site in selected]
     if len(set(keys)) != len(keys):
         raise GatekitError(f"two blocks map to the same gate name: {keys}; rename one of the modules.")
-    return selected
+    return selected, [site for site in skipped if chosen(site.name)]
 
 
 def _insert_gate(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, channel_head: bool, layer_head: bool) -> None:

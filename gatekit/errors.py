@@ -1,4 +1,4 @@
-"""Errors raised by gatekit. Every message names the problem and says how to fix it."""
+"""Errors (and the one warning) gatekit raises. Every message names the problem and says how to fix it."""
 
 
 class GatekitError(Exception):
@@ -23,3 +23,16 @@ class NotConvertedError(GatekitError):
 
 class MissingDependencyError(GatekitError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class UngatableBlockError(GatekitError):
+    """``convert(..., strict=True)`` met a residual block it cannot gate; the message says why."""
+
+
+class InternalError(GatekitError):
+    """An unexpected failure inside gatekit (a bug, or a pattern it does not know); the message
+    names the step, the block and the node, and a way around it."""
+
+
+class SkippedBlocksWarning(UserWarning):
+    """``convert`` left some residual blocks ungated; the message names each and says why."""

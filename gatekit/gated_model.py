@@ -8,6 +8,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .blocks import GateSite
+from .skipped_sites import SkippedSite
 from .errors import NotConvertedError
 from .gate import Gate
 
@@ -23,6 +24,7 @@ class GatekitInfo:
     Attributes:
         mode: ``"channel"``, ``"layer"`` or ``"channel+layer"``.
         sites: the gated blocks, in graph order.
+        skipped: the residual adds left ungated because they cannot be gated, with the reasons.
         dense_macs: per-sample conv + linear MACs of the original model at ``input_shape``.
         input_shape: shape of the example input the costs were measured on.
         regularizer: the loss :func:`gatekit.gate_loss` adds, or None.
@@ -38,6 +40,7 @@ class GatekitInfo:
     regularizer: Callable[[nn.Module], Tensor] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     source: tuple[str, dict[str, Any]] | None = None
+    skipped: tuple[SkippedSite, ...] = ()
 
 
 def attach_info(graph_module: fx.GraphModule, info: GatekitInfo) -> None:

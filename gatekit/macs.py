@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._shapes import propagate_shapes
+from ._tracing import trace_model
 
 if TYPE_CHECKING:
     from .blocks import GateSite
@@ -84,7 +85,7 @@ def static_macs(model: nn.Module, example_input: Tensor) -> int:
     >>> static_macs(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
     1814073344
     """
-    graph_module = model if isinstance(model, fx.GraphModule) else _tracing_for(model)
+    graph_module = model if isinstance(model, fx.GraphModule) else trace_model(model)
     propagate_shapes(graph_module, model, example_input)
     return sum(node_macs(graph_module).values())
 
@@ -99,8 +100,3 @@ def measure_costs(model: fx.GraphModule, sites: Sequence[GateSite], example_inpu
         channel_macs=tuple(sum(macs[n] for n in site.scaled_layers) for site in sites),
     )
 
-
-def _tracing_for(model: nn.Module) -> fx.GraphModule:
-    from .convert import trace_model
-
-    return trace_model(model)

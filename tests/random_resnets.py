@@ -6,18 +6,23 @@ failing one prints as a readable spec that rebuilds the same network.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 BRANCHES = ("basic", "bottleneck", "inverted", "single")
-SHORTCUTS = ("identity", "projection", "subsample")
+# "partial" adds the input to the branch's first channels only: cat([out[:, :cin] + x, out[:, cin:]]).
+SHORTCUTS = ("identity", "projection", "subsample", "partial")
 ADDS = ("plus", "shortcut_first", "torch.add", "iadd", "method", "method_", "torch.add_alpha")
 SCALES = ("none", "constant", "layer_scale")
 # "shared" calls every block that keeps its input's shape twice: one module, two residual adds.
-CONTAINERS = ("sequential", "modulelist", "moduledict", "custom", "inline", "shared")
+# "fusion" ends the stage HRNet-like: two parallel paths, each added to the other, outputs concatenated.
+CONTAINERS = ("sequential", "modulelist", "moduledict", "custom", "inline", "shared", "fusion")
+# How a block meets torch.split/chunk: "inside" its branch starts with cat(chunk(x)); "piece" runs the
+# residual block on the second of two pieces of its input and concatenates the first back.
+SPLITS = ("none", "inside", "piece")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class BlockSpec:
     nested: bool = False  # a residual block inside the branch, after its first conv
     squeeze_excite: bool = False  # a squeeze-excitation on the first conv's channels (MobileNetV3)
     dropout: bool = False  # after the first conv's activation
+    split: str = "none"  # one of SPLITS; "piece" needs stride 1, an identity shortcut and cin >= 2
+    leak: bool = False  # the branch output is also read outside the add: the block cannot be gated
 
     def keeps_shape(self, cin: int) -> bool:
         return self.stride == 1 and self.width == cin
@@ -116,7 +123,7 @@ class Branch(nn.Module):
 
 
 def _shortcut(spec: BlockSpec, cin: int) -> nn.Module | None:
-    if spec.shortcut == "identity":
+    if spec.shortcut in ("identity", "partial"):
         return None
     if spec.shortcut == "projection":
         return nn.Sequential(_conv(cin, spec.width, 1, spec.stride), _norm(spec.width))
@@ -152,11 +159,16 @@ def residual_add(style: str, branch, shortcut):
 
 
 class Block(nn.Module):
-    """A residual block as the spec says; without ``add_here`` the container adds (``inline``)."""
+    """A residual block as the spec says; in an ``inline`` stage the stage's forward adds."""
 
     def __init__(self, spec: BlockSpec, cin: int) -> None:
         super().__init__()
         self.spec, self.cin = spec, cin
+        if spec.split == "piece":  # the residual block proper sees the second piece only
+            self.kept = cin // 2
+            cin = cin - self.kept
+            spec = replace(spec, width=cin, split="none")
+        self.inner_spec = spec
         layers = _branch_layers(spec, cin)
         self.branch = nn.Sequential(*layers) if spec.sequential_branch else Branch(layers)
         self.shortcut = _shortcut(spec, cin)
@@ -164,7 +176,7 @@ class Block(nn.Module):
             self.gamma = nn.Parameter(torch.rand(spec.width) + 0.5)
 
     def scaled_branch(self, x):
-        out = self.branch(x)
+        out = self.branch(torch.cat(torch.chunk(x, 2, 1), 1) if self.spec.split == "inside" else x)
         if self.spec.scale == "constant":
             return 0.5 * out
         if self.spec.scale == "layer_scale":
@@ -175,17 +187,39 @@ class Block(nn.Module):
         return x if self.shortcut is None else self.shortcut(x)
 
     def forward(self, x):
-        out = residual_add(self.spec.add, self.scaled_branch(x), self.shortcut_of(x))
-        return out if self.spec.preact else F.relu(out)
+        return block_output(self, x)
+
+
+def block_output(block: Block, x):
+    """The block's output; an ``inline`` stage calls this from its own forward, so the add is there."""
+    spec = block.spec
+    if spec.split == "piece":
+        kept, piece = torch.split(x, [block.kept, block.cin - block.kept], 1)
+        return torch.cat([kept, _residual(block, block.inner_spec, piece)], 1)
+    return _residual(block, spec, x)
+
+
+def _residual(block: Block, spec: BlockSpec, x):
+    branch = block.scaled_branch(x)
+    if spec.shortcut == "partial":  # the input goes to the branch's first channels only
+        cin = block.cin
+        out = torch.cat([residual_add(spec.add, branch[:, :cin], x), branch[:, cin:]], 1)
+    else:
+        out = residual_add(spec.add, branch, block.shortcut_of(x))
+    out = out if spec.preact else F.relu(out)
+    # Reading the branch once more after the add: closing a gate could not skip it.
+    return out + branch.mean((2, 3), keepdim=True) if spec.leak else out
 
 
 class Stage(nn.Module):
     """Blocks in one of several containers; ``inline`` writes every add in this forward."""
 
-    def __init__(self, blocks: list[Block], container: str) -> None:
+    def __init__(self, blocks: list[Block], container: str, width: int) -> None:
         super().__init__()
         self.container = container
-        if container == "sequential":
+        if container == "fusion":
+            self.fusion = Fusion(width)
+        if container in ("sequential", "fusion"):
             self.blocks = nn.Sequential(*blocks)
         elif container in ("modulelist", "inline", "shared"):
             self.blocks = nn.ModuleList(blocks)
@@ -198,18 +232,40 @@ class Stage(nn.Module):
     def forward(self, x):
         if self.container == "sequential":
             return self.blocks(x)
+        if self.container == "fusion":
+            return self.fusion(self.blocks(x))
         if self.container == "custom":
             return self.rest(self.first(x))
         blocks = self.blocks.values() if self.container == "moduledict" else self.blocks
         for block in blocks:
             if self.container == "inline":
-                out = residual_add(block.spec.add, block.scaled_branch(x), block.shortcut_of(x))
-                x = out if block.spec.preact else F.relu(out)
+                x = block_output(block, x)
             elif self.container == "shared" and block.spec.keeps_shape(block.cin):
                 x = block(block(x))
             else:
                 x = block(x)
         return x
+
+
+class Fusion(nn.Module):
+    """Two parallel paths exchanging values, as HRNet's fusion layers do, then a torch.cat of both.
+
+    ``low = x + across(high)`` cannot be gated (``high`` also feeds ``mixed``); ``mixed = high +
+    deep(x)`` is a block with a projection shortcut (``high``) that can.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.high = nn.Sequential(_conv(channels, channels, 3), _norm(channels), nn.ReLU())
+        self.across = _conv(channels, channels, 1)
+        self.deep = nn.Sequential(_conv(channels, channels, 3), nn.ReLU(), _conv(channels, channels, 1))
+        self.merge = _conv(2 * channels, channels, 1)
+
+    def forward(self, x):
+        high = self.high(x)
+        low = x + self.across(high)
+        mixed = high + self.deep(x)
+        return self.merge(torch.cat([low, mixed], 1))
 
 
 class RandomResNet(nn.Module):
@@ -222,7 +278,7 @@ class RandomResNet(nn.Module):
             for block in blocks:
                 built.append(Block(block, cin))
                 cin = block.width
-            stages.append(Stage(built, container))
+            stages.append(Stage(built, container, cin))
         self.stages = nn.Sequential(*stages) if spec.outer == "sequential" else nn.ModuleList(stages)
         self.head = nn.Linear(cin, spec.classes)
 
@@ -237,16 +293,28 @@ class RandomResNet(nn.Module):
 
 
 def expected_shortcuts(spec: NetSpec) -> list[str]:
-    """The shortcut kind of every residual add of ``spec``'s network, in graph order."""
-    kinds = {"identity": "identity", "projection": "projection", "subsample": "parameter-free"}
+    """The shortcut kind of every gated residual add of ``spec``'s network, in graph order."""
+    kinds = {"identity": "identity", "projection": "projection", "subsample": "parameter-free", "partial": "parameter-free"}
     found, cin = [], spec.stem
     for blocks, container in zip(spec.stages, spec.containers):
         for block in blocks:
             calls = 2 if container == "shared" and block.keeps_shape(cin) else 1
-            # A nested block's add comes first: it is inside the outer branch.
-            found += ((["identity"] if block.nested else []) + [kinds[block.shortcut]]) * calls
+            # A nested block's add comes first: it is inside the outer branch. A leaking one is skipped.
+            found += ((["identity"] if block.nested else []) + ([] if block.leak else [kinds[block.shortcut]])) * calls
             cin = block.width
+        found += ["projection"] if container == "fusion" else []
     return found
+
+
+def expected_skipped(spec: NetSpec) -> int:
+    """How many residual adds of ``spec``'s network cannot be gated: leaking blocks, fusion adds."""
+    count, cin = 0, spec.stem
+    for blocks, container in zip(spec.stages, spec.containers):
+        for block in blocks:
+            count += block.leak * (2 if container == "shared" and block.keeps_shape(cin) else 1)
+            cin = block.width
+        count += container == "fusion"
+    return count
 
 
 def build(spec: NetSpec) -> RandomResNet:

@@ -3,21 +3,26 @@
 Hypothesis draws networks (tests/random_resnets.py): depth, widths, strides, identity / projection /
 subsampling shortcuts, every way of writing the add, containers nested several ways (one module
 called twice included), pre- and post-activation, scaled branches (constant, layer scale), plain,
-bottleneck (grouped), inverted and one-conv branches, squeeze-excitation, dropout, and residual
-blocks nested in a branch. Each must convert with one gate per block, compute what it
-computed before (gates open), and, with gates forced open, closed or random per sample, give
+bottleneck (grouped), inverted and one-conv branches, squeeze-excitation, dropout, residual
+blocks nested in a branch, shortcuts added to a channel slice of the branch, blocks meeting
+torch.split/chunk, branch values read outside the branch, and HRNet-like fusion of parallel paths
+ending in a torch.cat. Each must convert with one gate per block that can be gated (one warning
+naming the others), compute what it computed before (gates open), and, with gates forced open,
+closed or random per sample, give
 ``gatekit.sparse`` outputs equal to the masked model's, at the MACs ``gatekit.dynamic_macs`` counts
 (FlopCounterMode / 2 on the sparse model, batch 1). Derandomized, so CI runs the same examples.
 """
 import copy
+import warnings
 
+import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import gatekit
-from random_resnets import ADDS, CONTAINERS, SCALES, BlockSpec, NetSpec, build, expected_shortcuts
+from random_resnets import ADDS, CONTAINERS, SCALES, BlockSpec, NetSpec, build, expected_shortcuts, expected_skipped
 
 FORCINGS = ("open", "closed", "no_channels", "some_channels", "per_sample")
 
@@ -31,14 +36,21 @@ def block_specs(draw, cin):
     shortcuts = ["projection"] if branch != "single" else []
     shortcuts += ["subsample"] if width >= cin else []
     shortcuts += ["identity"] * 2 if stride == 1 and width == cin else []
+    shortcuts += ["partial"] if stride == 1 and width > cin else []
     if not shortcuts:
         width, shortcuts = max(width, cin), ["subsample"]
+    shortcut = draw(st.sampled_from(shortcuts))
+    # Splitting off a piece keeps the block's width: only around an identity block of 2+ channels.
+    splits = ["none", "none", "inside"] + (["piece"] if shortcut == "identity" and cin >= 2 else [])
+    # alpha scales the branch slice only, so a partial add with alpha has no full-width equivalent.
+    adds = [a for a in ADDS if a != "torch.add_alpha"] if shortcut == "partial" else ADDS
     return BlockSpec(
-        width=width, stride=stride, branch=branch, shortcut=draw(st.sampled_from(shortcuts)),
-        add=draw(st.sampled_from(ADDS)), scale=draw(st.sampled_from(SCALES)), preact=draw(st.booleans()),
+        width=width, stride=stride, branch=branch, shortcut=shortcut,
+        add=draw(st.sampled_from(adds)), scale=draw(st.sampled_from(SCALES)), preact=draw(st.booleans()),
         groups=draw(st.sampled_from([1, 2])) if branch == "bottleneck" else 1,
         sequential_branch=draw(st.booleans()), nested=draw(st.sampled_from([False, False, True])),
         squeeze_excite=draw(st.sampled_from([False, False, True])), dropout=draw(st.sampled_from([False, False, True])),
+        split=draw(st.sampled_from(splits)), leak=draw(st.sampled_from([False] * 5 + [True])),
     )
 
 
@@ -94,7 +106,17 @@ def check_network(spec, mode, forcings):
     model = build(spec)
     images = images_for(spec)
     before = copy.deepcopy(model.state_dict())
-    gated = gatekit.convert(model, gates=mode, example_input=images[:1]).eval()
+    if not expected_shortcuts(spec):  # every residual add leaks: nothing to gate, and it says so
+        with pytest.raises(gatekit.NoResidualBlockError, match="none can be gated"):
+            gatekit.convert(model, gates=mode, example_input=images[:1])
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gated = gatekit.convert(model, gates=mode, example_input=images[:1]).eval()
+    skipped_warnings = [w for w in caught if issubclass(w.category, gatekit.SkippedBlocksWarning)]
+    assert len(skipped_warnings) == (expected_skipped(spec) > 0)
+    assert len(gated.gatekit.skipped) == expected_skipped(spec)
+    assert all(site.name in str(skipped_warnings[0].message) for site in gated.gatekit.skipped)
 
     assert [site.shortcut for site in gated.gatekit.sites] == expected_shortcuts(spec)
     with torch.no_grad():
@@ -123,6 +145,20 @@ def one_stage(*blocks, **options):
     return NetSpec(in_channels=2, stem=4, stages=(blocks,), containers=("sequential",), **options)
 
 
+# Issue 14's patterns, each on its own: a shortcut added to the branch's first channels (ReXNet),
+# blocks meeting split/chunk, a branch value read after the add, and an HRNet-like fusion stage.
+@example(
+    spec=one_stage(BlockSpec(width=6, shortcut="partial", add="iadd"), BlockSpec(width=6, split="piece")),
+    mode="channel+layer", forcings=["per_sample", "closed"],
+)
+@example(
+    spec=NetSpec(
+        in_channels=2, stem=4, stages=((BlockSpec(width=4, split="inside", nested=True),), (BlockSpec(width=4, leak=True),)),
+        containers=("fusion", "inline"),
+    ),
+    mode="channel+layer", forcings=["some_channels", "closed", "per_sample"],
+)
+@example(spec=one_stage(BlockSpec(width=4, leak=True)), mode="layer", forcings=["open"])
 # Regressions: each example failed before the fix named in its comment.
 @example(  # sparse KeyError: a layer-scale parameter is read inside the branch but is not on the path
     # from the block input; the branch copy now brings such constants along (sparse._branch_graph).

@@ -1,0 +1,124 @@
+"""Residual adds gatekit cannot gate soundly, why, and how convert reports them.
+
+A gate is sound when closing it removes the whole branch and nothing else: the branch must start
+from one tensor (the gate reads it), read nothing but that tensor, and hand its values to nothing
+but the residual add. Multi-branch fusion stages (HRNet) break the last two: a branch value also
+feeds another resolution. Such an add is left as it is, and ``convert`` gates the rest.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch.fx as fx
+
+from .errors import NoResidualBlockError, SkippedBlocksWarning, UngatableBlockError
+
+if TYPE_CHECKING:
+    from .blocks import _Ancestry, _Candidate
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    """A residual add that gatekit leaves ungated, and why.
+
+    ``name`` follows the rule of :class:`gatekit.GateSite` names (what ``include``/``exclude``
+    match); ``add_node`` is the fx node of the add, ``node`` the one the ``reason`` is about;
+    ``kind`` is one of :data:`KINDS`, the reason in a few words.
+    """
+
+    name: str
+    add_node: str
+    node: str
+    kind: str
+    reason: str
+
+
+TUPLE_INPUT = "no tensor input"
+SHARED_VALUE = "branch and shortcut share a value"
+FUSION = "fusion of parallel paths"
+USED_OUTSIDE = "branch value used outside the branch"
+INTERNAL = "gatekit failed analysing it"
+KINDS = (TUPLE_INPUT, SHARED_VALUE, FUSION, USED_OUTSIDE, INTERNAL)
+
+
+def why_not_gated(
+    graph_module: fx.GraphModule, ancestry: _Ancestry, candidate: _Candidate, live: set[fx.Node]
+) -> tuple[fx.Node, str, str] | None:
+    """(the node, one of :data:`KINDS`, the reason) that keeps a candidate block from being gated soundly, or None."""
+    branch, shortcut, block_input = candidate.branch, candidate.shortcut, candidate.block_input
+    in_order = ancestry.order.__getitem__
+    if block_input is None:
+        return candidate.add, TUPLE_INPUT, "its branch and shortcut meet only at a tuple of tensors, not at one tensor a gate can read"
+    shared = branch & shortcut
+    if shared:
+        node = min(shared, key=in_order)
+        return node, SHARED_VALUE, f"the branch and the shortcut share the value '{node.name}'"
+    for node in sorted(branch | shortcut, key=in_order):
+        for parent in node.all_input_nodes:
+            reads_data = parent.op == "placeholder" or any(a.op == "placeholder" for a in ancestry(parent))
+            if reads_data and parent is not block_input and parent not in branch and parent not in shortcut:
+                return node, FUSION, (
+                    f"'{node.name}' also reads '{parent.name}', which does not come from the block input "
+                    f"'{block_input.name}': a fusion of parallel paths, not a residual block"
+                )
+    for node in sorted(branch, key=in_order):
+        for user in node.users:
+            if user is not candidate.add and user not in branch and user in live:
+                return node, USED_OUTSIDE, (
+                    f"the branch value '{node.name}' is also used outside the branch (by '{user.name}'), "
+                    f"so closing the gate would not skip the branch"
+                )
+    return None
+
+
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes the output or a side effect needs: a user that nothing needs keeps no branch running."""
+    roots = [n for n in graph.nodes if n.op == "output" or (n.op != "placeholder" and n.is_impure())]
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def describe(skipped: Sequence[SkippedSite]) -> str:
+    """One line per kind of reason naming every site it holds, then the first site's full reason."""
+    lines = []
+    for kind in KINDS:
+        sites = [site for site in skipped if site.kind == kind]
+        if sites:
+            lines.append(f"  {kind} ({len(sites)}): {', '.join(site.name for site in sites)}")
+            lines.append(f"    e.g. {sites[0].name}: {sites[0].reason}")
+    return "\n".join(lines)
+
+
+def report_skipped(model_name: str, gated: int, skipped: Sequence[SkippedSite], *, strict: bool) -> None:
+    """Warn once about the sites convert leaves ungated, or raise when ``strict`` or none is left.
+
+    Raises:
+        UngatableBlockError: ``strict`` and some site cannot be gated.
+        NoResidualBlockError: no site can be gated at all.
+    """
+    if not skipped:
+        return
+    if strict:
+        raise UngatableBlockError(
+            f"{len(skipped)} residual block(s) of {model_name} cannot be gated:\n{describe(skipped)}\n"
+            f"Hint: drop strict=True to gate the other blocks and leave these as they are, or "
+            f"exclude them (`exclude=[{skipped[0].name!r}, ...]`)."
+        )
+    if gated == 0:
+        raise NoResidualBlockError(
+            f"{model_name} has residual adds, but none can be gated:\n{describe(skipped)}\n"
+            f"Hint: gatekit gates a block whose branch starts from one tensor and feeds only its add."
+        )
+    warnings.warn(
+        f"gatekit left {len(skipped)} residual block(s) of {model_name} ungated and gated the other "
+        f"{gated}:\n{describe(skipped)}\n`gatekit.gate_sites(model, skipped=True)` lists them; "
+        f"`convert(..., strict=True)` refuses instead.",
+        SkippedBlocksWarning, stacklevel=3,
+    )
