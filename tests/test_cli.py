@@ -113,3 +113,16 @@ def test_unknown_dataset_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["profile", "cifar/resnet8", "--dataset", "imagenet"])
     assert exit_info.value.code == 2 and "invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+def test_sites_lists_the_blocks_it_cannot_gate_with_their_reasons(monkeypatch, capsys):
+    import gatekit.adapters
+    from test_partial_blocks import FusionStage, build, images
+
+    monkeypatch.setattr(gatekit.adapters, "get_model", lambda name: build(FusionStage))
+    monkeypatch.setattr(gatekit.adapters, "example_input", lambda name: images(1))
+    assert main(["sites", "test/fusion"]) == 0
+    out = capsys.readouterr().out
+    gated, skipped = out.split("not gated (2)")
+    assert "high_block" in gated and "low_block" in gated
+    assert skipped.count("branch value used outside the branch") == 2 and "add_" in skipped

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = """List the residual blocks gatekit finds in a model (dotted names, as `include=` and
-`exclude=` match them), the channels each gate would control, and the convs involved. With --list,
-show the models gatekit can build by name."""
+`exclude=` match them), the channels each gate would control, and the convs involved; then the
+residual adds it cannot gate, each with the reason. With --list, show the models gatekit can build
+by name."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -26,9 +27,16 @@ def run(arguments: argparse.Namespace) -> int:
         return 0
     if not arguments.model:
         raise GatekitError("name a model (e.g. cifar/resnet20), or pass --list to see them.")
-    sites = gatekit.gate_sites(get_model(arguments.model), example_input=example_input(arguments.model))
-    width = max(len(site.name) for site in sites)
-    print(f"{'block':<{width}}  channels  gated layer -> consumer  (shortcut)")
+    sites, skipped = gatekit.gate_sites(
+        get_model(arguments.model), example_input=example_input(arguments.model), skipped=True
+    )
+    width = max([len(site.name) for site in sites + skipped] + [len("block")])
+    if sites:
+        print(f"{'block':<{width}}  channels  gated layer -> consumer  (shortcut)")
     for site in sites:
         print(f"{site.name:<{width}}  {site.channels:8d}  {site.first_conv} -> {site.consumer}  ({site.shortcut})")
+    if skipped:
+        print(f"\nnot gated ({len(skipped)}): convert leaves these as they are")
+    for site in skipped:
+        print(f"{site.name:<{width}}  {site.kind}: {site.reason}")
     return 0
