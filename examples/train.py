@@ -1,12 +1,18 @@
 """Train one model of the paper's experiments: dense, gated (DLCG, channel, ConvNet-AIG layer) or pruned.
 
-Two recipes (``--recipe``), both SGD with Nesterov momentum 0.9, batch 256, weight decay 5e-4 except
-on gate parameters, learning rate divided by 10 at 50 %, 75 % and 94 % of the epochs (the paper's
-200, 300 and 375 of 400), random crop and horizontal flip on CIFAR-10:
+Three recipes (``--recipe``), all SGD with Nesterov momentum 0.9 and weight decay 5e-4 except on gate
+parameters, random crop and horizontal flip on CIFAR-10:
 
-- ``paper``: section 4.1 of the paper: from scratch, 400 epochs, learning rate 0.1.
-- ``short``: finetune a dense checkpoint (``--init``) for ``--epochs`` (default 10) at ``--lr`` 0.05:
-  what fits a CPU budget, and what a user with a trained model does.
+- ``paper``: section 4.1 of the paper: from scratch, 400 epochs, batch 256, learning rate 0.1 divided
+  by 10 at 50 %, 75 % and 94 % of the epochs (the paper's 200, 300 and 375 of 400).
+- ``short``: the same step schedule, finetuning a dense checkpoint (``--init``) for ``--epochs``
+  (default 10) at ``--lr`` 0.05, with the bare sparsity loss.
+- ``finetune`` (default with ``--init``): docs/howto/finetune.md's recipe for a trained model, 3
+  epochs at batch 128, cosine learning rate from 0.02; for gated methods, distillation from the
+  ``--init`` model (``--kd``), the sparsity pressure ramped in (``--ramp``), channel gates started from
+  a magnitude pruner's solution at the budget (``--warm-start``), gate learning rate x10, training
+  noise annealed to 0 over the second half (``--anneal-noise``) and batch-norm statistics
+  recalibrated at the end (``--recalibrate``). The static method gets the same distillation.
 
 Methods (``--method``): ``dense``; ``dlcg`` (channel + layer gates), ``channel`` and ``layer`` with the
 paper's target-free loss (``--layer`` = lambda, ``--channel`` = gamma), ConvNet-AIG's target-rate loss
@@ -67,14 +73,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--target", type=float, help="ConvNet-AIG target execution rate (target-rate loss)")
     model.add_argument("--budget", type=float, help="fraction of the dense MACs (MAC-budget loss)")
     model.add_argument("--loss-weight", type=float, default=1.0, help="weight of the target-rate / MAC-budget loss")
+    model.add_argument("--controller", type=float, default=1.0,
+                       help="MAC-budget loss: dual-ascent step of its multiplier (0: plain quadratic loss)")
+    model.add_argument("--batch-shaping", type=float, default=0.0, help="weight of a batch-shaping loss added to the gates' loss")
     model.add_argument("--static-fraction", type=float, help="static: fraction of dense MACs to prune to")
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--recipe", choices=("paper", "short"), default=None,
-                        help="paper: 400 epochs at lr 0.1; short: 10 epochs at lr 0.05 from --init "
-                        "(default: short with --init, paper without)")
+    recipe.add_argument("--recipe", choices=("paper", "short", "finetune"), default=None,
+                        help="paper: 400 epochs at lr 0.1; short: 10 epochs at lr 0.05 from --init; finetune: "
+                        "3 epochs, cosine from 0.02, the finetuning recipe (default: finetune with --init, paper without)")
     recipe.add_argument("--epochs", type=int)
     recipe.add_argument("--lr", type=float)
-    recipe.add_argument("--batch-size", type=int, default=256)
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--kd", type=float, help="distillation weight from the --init model (finetune: 0.7; 0: off)")
+    recipe.add_argument("--kd-temperature", type=float, default=4.0)
+    recipe.add_argument("--ramp", type=float, help="fraction of the steps over which the sparsity pressure ramps in "
+                        "(finetune: 0.4, or 0 with a warm start)")
+    recipe.add_argument("--warm-start", type=float, help="start channel gates from a magnitude pruner at this budget "
+                        "(finetune: --budget; 0: off)")
+    recipe.add_argument("--gate-lr-scale", type=float, help="gate learning rate / network learning rate (finetune: 10)")
+    recipe.add_argument("--anneal-noise", type=float, help="fraction of the steps, at the end, over which the "
+                        "training noise goes to 0 (finetune: 0.5; 0: off)")
+    recipe.add_argument("--recalibrate", type=int, help="training images to re-estimate batch-norm statistics on at "
+                        "the end (finetune: 4096; 0: off)")
     recipe.add_argument("--weight-decay", type=float, default=5e-4)
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, help="run folder (resumes if it holds last.pt)")
@@ -94,14 +114,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill the recipe's defaults and refuse combinations that cannot mean what the user wants."""
-    args.recipe = args.recipe or ("short" if args.init else "paper")
-    args.epochs = args.epochs or (400 if args.recipe == "paper" else 10)
-    args.lr = args.lr or (0.1 if args.recipe == "paper" else 0.05)
+    args.recipe = args.recipe or ("finetune" if args.init else "paper")
+    finetune = args.recipe == "finetune"
+    args.epochs = args.epochs or {"paper": 400, "short": 10, "finetune": 3}[args.recipe]
+    args.lr = args.lr or {"paper": 0.1, "short": 0.05, "finetune": 0.02}[args.recipe]
+    args.batch_size = args.batch_size or (128 if finetune else 256)
+    gated = args.method in GATES
+    if finetune and args.init is None:
+        parser.error("--recipe finetune starts from a trained model: give --init.")
+    warm = args.budget if finetune and gated and args.method != "layer" and args.budget is not None else 0.0
+    args.warm_start = warm if args.warm_start is None else args.warm_start
+    defaults = dict(kd=0.7 if finetune and args.method != "dense" else 0.0, ramp=0.4 if finetune and not args.warm_start else 0.0,
+                    gate_lr_scale=10.0 if finetune else 1.0, anneal_noise=0.5 if finetune else 0.0,
+                    recalibrate=4096 if finetune and gated else 0)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.kd and args.init is None:
+        parser.error("--kd distills from the --init model: give --init.")
+    if args.warm_start and (not gated or args.method == "layer"):
+        parser.error("--warm-start sets channel gates: use it with --method dlcg or channel.")
     channels = len(DATASETS[args.dataset].mean)
     args.model = args.model or ("cifar/resnet20" if channels == 3 else "mnist/resnet20")
     if args.augment == "auto":
         args.augment = "yes" if args.dataset == "cifar10" else "no"
-    gated = args.method in GATES
     if args.method == "static" and (args.init is None or args.static_fraction is None):
         parser.error("--method static prunes a trained model: give --init and --static-fraction.")
     if gated and args.target is not None and args.budget is not None:
@@ -122,8 +158,10 @@ def regularizer(args: argparse.Namespace):
     if args.target is not None:
         return gatekit.TargetRateLoss(target=args.target, weight=args.loss_weight)
     if args.budget is not None:
-        return gatekit.MacBudgetLoss(budget=args.budget, weight=args.loss_weight)
-    return gatekit.SparsityLoss(layer=args.layer, channel=args.channel, channel_rates=args.channel_rates)
+        loss = gatekit.MacBudgetLoss(budget=args.budget, weight=args.loss_weight, controller=args.controller)
+    else:
+        loss = gatekit.SparsityLoss(layer=args.layer, channel=args.channel, channel_rates=args.channel_rates)
+    return [loss, gatekit.BatchShapingLoss(weight=args.batch_shaping)] if args.batch_shaping else loss
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -139,8 +177,47 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         kwargs = {k: v for k, v in kwargs.items() if k != "widths"}
         return prune_to_widths(start, name, widths_for(name, args.static_fraction, kwargs), kwargs)
     if args.method in GATES:
-        return gatekit.convert(start, gates=GATES[args.method], regularizer=regularizer(args))
+        gated = gatekit.convert(start, gates=GATES[args.method], regularizer=regularizer(args))
+        if args.warm_start:
+            gatekit.warm_start(gated, args.warm_start)
+        return gated
     return start
+
+
+def build_teacher(args: argparse.Namespace, device: torch.device) -> gatekit.DistillationLoss | None:
+    """The --init model as a frozen distillation teacher, or None without --kd."""
+    if not args.kd:
+        return None
+    teacher = gatekit.load(args.init).to(device).eval()
+    if args.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return gatekit.DistillationLoss(teacher, temperature=args.kd_temperature, weight=args.kd)
+
+
+class GateSchedules:
+    """The per-step schedules of a gated finetune: sparsity ramp and noise annealing."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, total_steps: int) -> None:
+        gated = hasattr(model, "gatekit")
+        ramp_steps = round(args.ramp * total_steps)
+        self.sparsity = gatekit.SparsitySchedule(model, steps=ramp_steps) if gated and ramp_steps else None
+        anneal_steps = round(args.anneal_noise * total_steps)
+        self.noise = (gatekit.NoiseSchedule(model, steps=anneal_steps, delay=total_steps - anneal_steps)
+                      if gated and anneal_steps else None)
+
+    def step(self) -> None:
+        for schedule in (self.sparsity, self.noise):
+            if schedule is not None:
+                schedule.step()
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).count for name in ("sparsity", "noise") if getattr(self, name) is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, count in state.items():
+            schedule = getattr(self, name)
+            schedule.count = count - 1
+            schedule.step()
 
 
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -156,16 +233,20 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace):
-    groups = gatekit.param_groups(model, weight_decay=args.weight_decay) if hasattr(model, "gatekit") else [
+def make_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: int):
+    """SGD and its schedule, stepped once per epoch (step recipes) or once per step (cosine, finetune)."""
+    gate_lr = args.lr * args.gate_lr_scale if args.gate_lr_scale != 1 else None
+    groups = gatekit.param_groups(model, weight_decay=args.weight_decay, gate_lr=gate_lr) if hasattr(model, "gatekit") else [
         {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}
     ]
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    if args.recipe == "finetune":
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * steps_per_epoch)
     milestones = sorted({max(1, round(args.epochs * m)) for m in MILESTONES})
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
 
-def train_epoch(model, images, labels, optimizer, args, generator) -> dict:
+def train_epoch(model, images, labels, optimizer, args, generator, teacher=None, per_step=()) -> dict:
     """One pass over the training tensors in a seeded random order; returns the epoch's means."""
     model.train()
     order = torch.randperm(len(labels), generator=generator).to(images.device)
@@ -183,11 +264,15 @@ def train_epoch(model, images, labels, optimizer, args, generator) -> dict:
         with torch.autocast(images.device.type, torch.bfloat16, enabled=args.bf16):
             logits = model(batch)
             task_loss = nn.functional.cross_entropy(logits.float(), target)
+            if teacher is not None:  # Hinton et al.: (1 - w) hard targets + w soft targets
+                task_loss = (1 - teacher.weight) * task_loss + teacher(logits, batch)
         gate_loss = gatekit.gate_loss(model) if gated else torch.zeros((), device=images.device)
         loss = task_loss + gate_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        for schedule in per_step:
+            schedule.step()
         # Accumulated on the device: a .item() per step would synchronize a GPU every step.
         with torch.no_grad():
             sums["loss"] += loss.detach()
@@ -206,7 +291,15 @@ def train_epoch(model, images, labels, optimizer, args, generator) -> dict:
 def evaluate(model: nn.Module, val: TensorDataset, args: argparse.Namespace) -> dict:
     """Accuracy and mean MACs on the val split (tuning only: test accuracy is reported once, elsewhere)."""
     report = gatekit.profile(model, val, batch_size=500, device=args.device)
-    return dict(val_accuracy=round(report.accuracy, 5), val_mean_macs=round(report.mean_macs))
+    dense = getattr(getattr(model, "gatekit", None), "dense_macs", report.dense_macs)
+    macs = torch.tensor(report.per_sample_macs, dtype=torch.float64) / dense
+    row = dict(val_accuracy=round(report.accuracy, 5), val_mean_macs=round(report.mean_macs),
+               val_mac_fraction=round(macs.mean().item(), 5),
+               **{f"val_mac_p{p}": round(torch.quantile(macs, p / 100).item(), 5) for p in (5, 50, 95)})
+    if report.blocks:  # eval-mode rates, the paper's Table 1 columns
+        row.update(val_execution_rate=round(sum(b.execution_rate for b in report.blocks) / len(report.blocks), 5),
+                   val_channel_rate=round(sum(b.channel_rate for b in report.blocks) / len(report.blocks), 5))
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,24 +317,33 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, schedule = make_optimizer(model, args)
+    teacher = build_teacher(args, device)
+    steps_per_epoch = len(labels) // args.batch_size
+    optimizer, schedule = make_optimizer(model, args, steps_per_epoch)
+    gate_schedules = GateSchedules(model, args, args.epochs * steps_per_epoch)
+    per_step = (schedule, gate_schedules) if args.recipe == "finetune" else (gate_schedules,)
     generator = torch.Generator().manual_seed(args.seed)
-    start_epoch = _resume(args.out / "last.pt", model, optimizer, schedule, generator)
+    start_epoch = _resume(args.out / "last.pt", model, optimizer, schedule, generator, gate_schedules)
 
     for epoch in range(start_epoch, args.epochs):
         began = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
-                   **train_epoch(model, images, labels, optimizer, args, generator))
-        schedule.step()
+                   **train_epoch(model, images, labels, optimizer, args, generator, teacher, per_step))
+        if args.recipe != "finetune":
+            schedule.step()
         row["seconds"] = round(time.perf_counter() - began, 2)
         row["images_per_second"] = round(len(labels) // args.batch_size * args.batch_size / row["seconds"])
         if args.val_every and not args.no_val and (epoch + 1) % args.val_every == 0 and epoch + 1 < args.epochs:
             row.update(evaluate(model, val, args))
         _log(args.out, row)
-        _checkpoint(args.out / "last.pt", model, optimizer, schedule, generator, epoch + 1)
+        _checkpoint(args.out / "last.pt", model, optimizer, schedule, generator, epoch + 1, gate_schedules)
         if args.stop_after == epoch + 1 and epoch + 1 < args.epochs:
             return {"stopped_after_epoch": epoch + 1}
 
+    if args.recalibrate and hasattr(model, "gatekit"):
+        # Eval-mode decisions on un-augmented training images, as the deployed model will see.
+        calibration = images[torch.randperm(len(labels), generator=generator)[: args.recalibrate].to(device)]
+        gatekit.recalibrate_batchnorm(model, calibration, batch_size=256)
     model.eval()
     gatekit.save(model.to(memory_format=torch.contiguous_format).cpu(), args.out / "model.pt")
     summary = dict(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -266,21 +368,33 @@ def _last_row(out: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _checkpoint(path: Path, model, optimizer, schedule, generator, epoch: int) -> None:
+def _checkpoint(path: Path, model, optimizer, schedule, generator, epoch: int, gate_schedules) -> None:
+    budget = [loss for loss in _losses(model) if isinstance(loss, gatekit.MacBudgetLoss)]
     state = dict(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                 schedule=schedule.state_dict(), generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                 schedule=schedule.state_dict(), gate_schedules=gate_schedules.state_dict(),
+                 multipliers=[loss.multiplier for loss in budget],
+                 generator=generator.get_state(), torch_rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)  # never a half-written last.pt
 
 
-def _resume(path: Path, model, optimizer, schedule, generator) -> int:
+def _losses(model: nn.Module) -> list:
+    regularizer = getattr(getattr(model, "gatekit", None), "regularizer", None)
+    return list(regularizer) if isinstance(regularizer, (list, tuple)) else [regularizer]
+
+
+def _resume(path: Path, model, optimizer, schedule, generator, gate_schedules) -> int:
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    gate_schedules.load_state_dict(state.get("gate_schedules", {}))
+    budget = [loss for loss in _losses(model) if isinstance(loss, gatekit.MacBudgetLoss)]
+    for loss, multiplier in zip(budget, state.get("multipliers", [])):
+        loss.multiplier = multiplier
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():

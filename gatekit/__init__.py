@@ -11,7 +11,7 @@ from .dynamic_macs import dynamic_macs
 from .gated_model import GatekitInfo, gates_of
 from .losses import SparsityLoss, gate_loss, sparsity_loss
 from .losses import (
-    BatchShapingLoss, MacBudgetLoss, TargetRateLoss, batch_shaping_loss, expected_macs, mac_budget_loss,
+    BatchShapingLoss, MacBudgetLoss, TargetRateLoss, batch_shaping_loss, deployed_macs, expected_macs, mac_budget_loss,
     target_rate_loss,
 )
 from .checkpoint import load, save
@@ -20,5 +20,10 @@ from .profiler import BlockProfile, Profile, profile
 from .sparse import sparse
 from .stats import BlockStats, gate_stats, summarize
 from .temperature import TemperatureSchedule, set_temperature
+from .noise import NoiseSchedule, set_noise
+from .sparsity_schedule import SparsitySchedule
+from .distillation import DistillationLoss
+from .batchnorm import recalibrate_batchnorm
+from .warm_start import warm_start
 
 __version__ = "0.1.0"

@@ -47,13 +47,14 @@ class Gate(nn.Module):
                 nn.init.zeros_(head.weight)
                 nn.init.constant_(head.bias, init_bias)
         self.temperature = temperature
+        self.noise = 1.0  # scale of the training noise; gatekit.NoiseSchedule anneals it
         self.layer_logits: Tensor | None = None
         self.channel_logits: Tensor | None = None
         self.layer_gates: Tensor | None = None
         self.channel_gates: Tensor | None = None
 
     def _decide(self, logits: Tensor) -> Tensor:
-        return gumbel_sigmoid(logits, self.temperature) if self.training else threshold(logits)
+        return gumbel_sigmoid(logits, self.temperature, noise=self.noise) if self.training else threshold(logits)
 
     def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Return ``(channel_gates [B, channels] or None, layer_gates [B] or None)``, each 0 or 1."""
@@ -86,7 +87,7 @@ class Gate(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, noise={self.noise}"
 
 
 @fx.wrap

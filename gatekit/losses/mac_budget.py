@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from numbers import Real
 
+import torch
 from torch import Tensor, nn
 
 from .._nesting import enclosing_blocks, own_branch_macs
@@ -40,6 +42,23 @@ def expected_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
     >>> expected_macs(gated).mean() / gated.gatekit.dense_macs  # doctest: +SKIP
     tensor(0.6132, grad_fn=<DivBackward0>)
     """
+    return _cost(model, costs, open_probabilities)
+
+
+def deployed_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
+    """Per-sample MACs of the last batch under eval-mode decisions (``logit > 0``), without gradient.
+
+    What the deployed model would spend on the last batch, whatever the training noise sampled.
+    """
+    with torch.no_grad():
+        return _cost(model, costs, _thresholded)
+
+
+def _thresholded(gate) -> tuple[Tensor | None, Tensor | None]:
+    return tuple(None if p is None else (p > 0.5).to(p.dtype) for p in open_probabilities(gate))
+
+
+def _cost(model: nn.Module, costs: BlockCosts | None, probabilities_of) -> Tensor:
     info = info_of(model)
     costs = costs or BlockCosts.from_sites(info.dense_macs, info.sites)
     # A block nested in another's branch counts its own layers once, and only where the enclosing
@@ -48,13 +67,12 @@ def expected_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
     own_macs = own_branch_macs(costs.branch_macs, enclosing)
     total = costs.dense_macs - sum(own_macs)
     gates = gates_of(model)
-    layer_probabilities = []
+    probabilities = []
     for name, gate in gates.items():
         check_forward(name, gate, empty_ok=True)
-        layer = open_probabilities(gate)[1]
-        layer_probabilities.append(layer if layer is not None else 1.0)
-    for index, gate in enumerate(gates.values()):
-        channel_probabilities = open_probabilities(gate)[0]
+        probabilities.append(probabilities_of(gate))
+    layer_probabilities = [layer if layer is not None else 1.0 for _, layer in probabilities]
+    for index, (gate, (channel_probabilities, _)) in enumerate(zip(gates.values(), probabilities)):
         channel_fraction = channel_probabilities.mean(1) if channel_probabilities is not None else 1.0
         channel_macs = costs.channel_macs[index]
         fixed_branch_macs = own_macs[index] - channel_macs
@@ -90,10 +108,7 @@ def mac_budget_loss(model: nn.Module, *, budget: float, weight: float = 1.0) -> 
     >>> loss = criterion(gated(x), y) + mac_budget_loss(gated, budget=0.5, weight=10.0)  # doctest: +SKIP
     """
     check_budget(budget)
-    expected = expected_macs(model)
-    if expected.numel() == 0:
-        raise empty_batch_error()
-    fraction = expected.mean() / info_of(model).dense_macs
+    fraction = _mean_fraction(expected_macs(model), model)
     return weight * (fraction - budget) ** 2
 
 
@@ -109,16 +124,70 @@ def check_budget(budget: object) -> None:
 
 @dataclass
 class MacBudgetLoss:
-    """The MAC-budget loss as an object, to attach at conversion.
+    """The MAC-budget loss as an object, to attach at conversion, with a controller that lands the budget.
 
-    >>> gated = gatekit.convert(resnet, regularizer=MacBudgetLoss(budget=0.5, weight=10.0))  # doctest: +SKIP
+    The loss is ``weight * (f - b)^2 + multiplier * f``, ``f`` the expected cost fraction of the batch
+    (:func:`expected_macs`, differentiable) and ``b`` the budget. The quadratic term alone settles
+    where its pull balances the task loss's, which can be far from ``b`` (measured: 60 % for a 50 %
+    budget). So ``multiplier`` is a Lagrange multiplier, raised by dual ascent: after each training
+    forward, by ``controller * (d - b)`` where ``d`` is the cost fraction of the *deployed* (eval-mode)
+    decisions of that batch, and lowered at half that rate while ``d`` is under budget, never below 0.
+    Overshoot is thus pushed back until the deployed cost meets the budget; undershoot is left to
+    the task loss, which opens gates that pay. ``controller=0`` is the plain quadratic loss.
+
+    Args:
+        budget: target cost as a fraction of ``model.gatekit.dense_macs``, in (0, 1], the gates' own
+            MACs included, at the conversion's example input size.
+        weight: weight of the quadratic term.
+        controller: dual-ascent step of the multiplier per training step (0: no controller).
+        pressure: fraction of the way from no saving (budget 1) to ``budget``; a
+            :class:`gatekit.SparsitySchedule` ramps it from 0 to 1.
+
+    >>> gated = gatekit.convert(resnet, regularizer=MacBudgetLoss(budget=0.5))  # doctest: +SKIP
     """
 
     budget: float
     weight: float = 1.0
+    controller: float = 1.0
+    pressure: float = 1.0
+    multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        if not (isinstance(self.controller, Real) and math.isfinite(self.controller) and self.controller >= 0):
+            raise GatekitError(f"controller={self.controller!r}: give the multiplier's step size, a number >= 0.")
+        self._seen: weakref.ref | None = None
+        self._multiplier_in_use = self.multiplier
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_seen"] = None  # a weak reference cannot be pickled; a copy starts a fresh forward
+        return state
+
+    @property
+    def target(self) -> float:
+        """The budget in force at the current ``pressure``."""
+        return 1.0 - self.pressure * (1.0 - self.budget)
 
     def __call__(self, model: nn.Module) -> Tensor:
-        return mac_budget_loss(model, budget=self.budget, weight=self.weight)
+        target = self.target
+        fraction = _mean_fraction(expected_macs(model), model)
+        if self.controller:
+            self._update_multiplier(model, target)
+        return self.weight * (fraction - target) ** 2 + self._multiplier_in_use * fraction
+
+    def _update_multiplier(self, model: nn.Module, target: float) -> None:
+        gate = next(iter(gates_of(model).values()))
+        marker = gate.layer_logits if gate.layer_logits is not None else gate.channel_logits
+        if not gate.training or (self._seen is not None and self._seen() is marker):
+            return  # once per training forward, however often the loss is evaluated on it
+        self._seen = weakref.ref(marker)
+        self._multiplier_in_use = self.multiplier
+        excess = _mean_fraction(deployed_macs(model), model).item() - target
+        self.multiplier = max(0.0, self.multiplier + self.controller * (excess if excess > 0 else 0.5 * excess))
+
+
+def _mean_fraction(per_sample_macs: Tensor, model: nn.Module) -> Tensor:
+    if per_sample_macs.numel() == 0:
+        raise empty_batch_error()
+    return per_sample_macs.mean() / info_of(model).dense_macs

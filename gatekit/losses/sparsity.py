@@ -79,7 +79,8 @@ class SparsityLoss:
     channel: float = 0.0
     reduction: str = "sum"
     channel_rates: str = "executed"
+    pressure: float = 1.0  # fraction of lambda and gamma applied; gatekit.SparsitySchedule ramps it
 
     def __call__(self, model: nn.Module) -> Tensor:
-        return sparsity_loss(model, layer=self.layer, channel=self.channel, reduction=self.reduction,
-                             channel_rates=self.channel_rates)
+        return sparsity_loss(model, layer=self.pressure * self.layer, channel=self.pressure * self.channel,
+                             reduction=self.reduction, channel_rates=self.channel_rates)

@@ -106,6 +106,7 @@ class TargetRateLoss:
 
     target: Target
     weight: float = 1.0
+    pressure: float = 1.0  # fraction of the way from rate 1 to the target; gatekit.SparsitySchedule ramps it
 
     def __post_init__(self) -> None:
         if isinstance(self.target, Mapping):
@@ -118,4 +119,8 @@ class TargetRateLoss:
             check_rate(rate, f"target for {name}")
 
     def __call__(self, model: nn.Module) -> Tensor:
-        return target_rate_loss(model, target=self.target, weight=self.weight)
+        target = self.target
+        if self.pressure != 1.0:
+            final = block_targets(target, list(gates_of(model)))
+            target = {name: 1.0 - self.pressure * (1.0 - rate) for name, rate in final.items()}
+        return target_rate_loss(model, target=target, weight=self.weight)
