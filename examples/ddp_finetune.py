@@ -101,6 +101,10 @@ def main(arguments: list[str] | None = None) -> None:
                   f"channels {summary['channel_rate']:.3f}", flush=True)
     if rank == 0 and args.save:
         torch.save({"rates": history, "state_dict": gated.state_dict(), "world": world}, args.save)
+    # Leave together. A process that tears down its gloo connections while another still holds
+    # them open (rank 0 saving, on a loaded machine) makes that one's gloo thread throw "connection
+    # closed by peer", which aborts it (SIGABRT).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -56,13 +56,25 @@ def single_process_reference(arguments, world):
     return history, gated
 
 
+def failure_report(result: subprocess.CompletedProcess, logs: Path) -> str:
+    """torchrun's exit status and output, then every child's own stderr (where a C++ abort says why)."""
+    parts = [f"torchrun exited with {result.returncode}", "--- stdout", result.stdout[-2000:],
+             "--- stderr", result.stderr[-3000:]]
+    for path in sorted(logs.rglob("stderr.log")):
+        parts += [f"--- {path.relative_to(logs)}", path.read_text(errors="replace")[-3000:]]
+    return "\n".join(parts)
+
+
 def test_two_process_ddp_finetune_equals_the_single_process_run(tmp_path):
     saved = tmp_path / "ddp.pt"
+    logs = tmp_path / "logs"
+    # --tee keeps each process's own stdout and stderr in logs/, so a failure shows why a child died.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(logs), "--tee", "3",
                str(ROOT / "examples" / "ddp_finetune.py"), *ARGUMENTS, "--save", str(saved)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result, logs)
     assert "step 4:" in result.stdout
     ddp = torch.load(saved, weights_only=False)
     assert ddp["world"] == 2
