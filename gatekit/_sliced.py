@@ -1,16 +1,28 @@
 """Modules that run a layer on a subset of channels, sharing the weights of the layer they wrap.
 
-Each takes ``(x, active)``: ``x`` holds only the channels listed in the int64 tensor ``active``.
-The sliced weights of the last few channel sets are cached (see :class:`WeightCache`).
+Each takes ``(x, channels)``: ``channels`` is a :class:`ChannelSet`, and ``x`` holds only its
+channels. A set holding every channel (``index`` None) runs the layer as it is: nothing sliced,
+looked up or allocated. The sliced weights of the last few sets are cached (see :class:`WeightCache`).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ChannelSet:
+    """The gated channels a pass runs on: ``index`` (ascending int64 tensor, None for all of them),
+    ``count`` of them, and ``key``, the bytes of the decision row it came from (a free cache key)."""
+
+    index: Tensor | None
+    count: int
+    key: bytes
 
 
 def _conv(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
@@ -42,6 +54,11 @@ def can_slice(conv: nn.modules.conv._ConvNd) -> bool:
 Derived = tuple[Tensor | None, ...]
 
 
+def stamp_of(tensors: Sequence[Tensor | None]) -> tuple[tuple[int, int], ...]:
+    """Storage and version of each tensor: changes when one is edited in place or replaced."""
+    return tuple((t.data_ptr(), _version(t)) for t in tensors if t is not None)
+
+
 class WeightCache:
     """Tensors derived from a layer's weights (slices), for the last ``size`` keys.
 
@@ -62,7 +79,7 @@ class WeightCache:
         if self.size == 0:
             with torch.no_grad():
                 return compute()
-        stamp = tuple((t.data_ptr(), _version(t)) for t in sources if t is not None)
+        stamp = stamp_of(sources)
         if stamp != self.stamp:
             self.entries.clear()
             self.stamp = stamp
@@ -75,11 +92,6 @@ class WeightCache:
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return found
-
-
-def channel_key(active: Tensor) -> bytes:
-    """A cache key for a set of channel indices."""
-    return active.cpu().numpy().tobytes()
 
 
 def _version(tensor: Tensor) -> int:
@@ -103,7 +115,7 @@ def _laid_out_like(weight: Tensor, sliced: Tensor) -> Tensor:
 
 
 class OutputSlicedConv(nn.Module):
-    """A conv computing only the output channels ``active`` (the first conv, or a depthwise conv)."""
+    """A conv computing only the output channels of the set (the first conv, or a depthwise conv)."""
 
     def __init__(self, conv: nn.modules.conv._ConvNd, *, cache_size: int = 0) -> None:
         super().__init__()
@@ -111,12 +123,14 @@ class OutputSlicedConv(nn.Module):
         self.depthwise = conv.groups > 1
         self.cache = WeightCache(cache_size)
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
         conv = self.conv
-        if active.numel() == 0:
+        if channels.index is None:
+            return conv._conv_forward(x, conv.weight, conv.bias)
+        if channels.count == 0:
             return _no_channel_output(conv, x, 0, None)
-        weight, bias = self.cache.get((conv.weight, conv.bias), channel_key(active), lambda: self._slice(active))
-        return _conv(conv, x, weight, bias, active.numel() if self.depthwise else 1)
+        weight, bias = self.cache.get((conv.weight, conv.bias), channels.key, lambda: self._slice(channels.index))
+        return _conv(conv, x, weight, bias, channels.count if self.depthwise else 1)
 
     def _slice(self, active: Tensor) -> tuple[Tensor, Tensor | None]:
         weight = _laid_out_like(self.conv.weight, self.conv.weight.index_select(0, active))
@@ -127,21 +141,23 @@ class SelectedDepthwiseConv(OutputSlicedConv):
     """A depthwise conv that makes the gated channels itself (the first layer of a block without an
     expansion): it reads the full input, so it picks the active input channels first."""
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
-        return super().forward(x.index_select(1, active), active)
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
+        return super().forward(x if channels.index is None else x.index_select(1, channels.index), channels)
 
 
 class OutputSlicedLinear(nn.Module):
-    """A linear layer computing only the output features ``active`` (channels last, as in ConvNeXt)."""
+    """A linear layer computing only the output features of the set (channels last, as in ConvNeXt)."""
 
     def __init__(self, linear: nn.Linear, *, cache_size: int = 0) -> None:
         super().__init__()
         self.linear = linear
         self.cache = WeightCache(cache_size)
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
         linear = self.linear
-        weight, bias = self.cache.get((linear.weight, linear.bias), channel_key(active), lambda: self._slice(active))
+        if channels.index is None:
+            return F.linear(x, linear.weight, linear.bias)
+        weight, bias = self.cache.get((linear.weight, linear.bias), channels.key, lambda: self._slice(channels.index))
         return F.linear(x, weight, bias)
 
     def _slice(self, active: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -150,39 +166,44 @@ class OutputSlicedLinear(nn.Module):
 
 
 class InputSlicedLinear(nn.Module):
-    """A linear layer reading only the input features ``active``."""
+    """A linear layer reading only the input features of the set."""
 
     def __init__(self, linear: nn.Linear, *, cache_size: int = 0) -> None:
         super().__init__()
         self.linear = linear
         self.cache = WeightCache(cache_size)
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
         weights = self.linear.weight
-        (weight,) = self.cache.get((weights,), channel_key(active), lambda: (weights.index_select(1, active),))
+        if channels.index is None:
+            return F.linear(x, weights, self.linear.bias)
+        (weight,) = self.cache.get((weights,), channels.key, lambda: (weights.index_select(1, channels.index),))
         return F.linear(x, weight, self.linear.bias)
 
 
 class InputSlicedConv(nn.Module):
-    """A conv reading only the input channels ``active`` (the consumer of the gated channels)."""
+    """A conv reading only the input channels of the set (the consumer of the gated channels)."""
 
     def __init__(self, conv: nn.modules.conv._ConvNd, *, cache_size: int = 0) -> None:
         super().__init__()
         self.conv = conv
         self.cache = WeightCache(cache_size)
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
-        if active.numel() == 0:  # every input channel is zero
-            return _no_channel_output(self.conv, x, self.conv.out_channels, self.conv.bias)
-        (weight,) = self.cache.get((self.conv.weight,), channel_key(active), lambda: self._slice(active))
-        return _conv(self.conv, x, weight, self.conv.bias, 1)
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
+        conv = self.conv
+        if channels.index is None:
+            return conv._conv_forward(x, conv.weight, conv.bias)
+        if channels.count == 0:  # every input channel is zero
+            return _no_channel_output(conv, x, conv.out_channels, conv.bias)
+        (weight,) = self.cache.get((conv.weight,), channels.key, lambda: self._slice(channels.index))
+        return _conv(conv, x, weight, conv.bias, 1)
 
     def _slice(self, active: Tensor) -> tuple[Tensor]:
         return (_laid_out_like(self.conv.weight, self.conv.weight.index_select(1, active)),)
 
 
 class GroupedInputSlicedConv(nn.Module):
-    """A grouped conv reading only the input channels ``active``: one conv per group that has any.
+    """A grouped conv reading only the input channels of the set: one conv per group that has any.
 
     MAC-exact (each group costs its active channels), but one call per group: slow for many groups.
     """
@@ -191,9 +212,11 @@ class GroupedInputSlicedConv(nn.Module):
         super().__init__()
         self.conv = conv
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
-        conv = self.conv
-        if active.numel() == 0:  # every input channel is zero
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
+        conv, active = self.conv, channels.index
+        if active is None:
+            return conv._conv_forward(x, conv.weight, conv.bias)
+        if channels.count == 0:  # every input channel is zero
             return _no_channel_output(conv, x, conv.out_channels, conv.bias)
         inputs_per_group = conv.in_channels // conv.groups
         outputs_per_group = conv.out_channels // conv.groups
@@ -222,16 +245,18 @@ class GroupedInputSlicedConv(nn.Module):
 
 
 class GroupedOutputSlicedConv(nn.Module):
-    """A grouped conv computing only the output channels ``active``: one conv per group that has
+    """A grouped conv computing only the output channels of the set: one conv per group that has
     any, each on its group's input channels (MAC-exact, one call per group)."""
 
     def __init__(self, conv: nn.modules.conv._ConvNd) -> None:
         super().__init__()
         self.conv = conv
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
-        conv = self.conv
-        if active.numel() == 0:
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
+        conv, active = self.conv, channels.index
+        if active is None:
+            return conv._conv_forward(x, conv.weight, conv.bias)
+        if channels.count == 0:
             return _no_channel_output(conv, x, 0, None)
         inputs_per_group = conv.in_channels // conv.groups
         group_of = active // (conv.out_channels // conv.groups)
@@ -245,22 +270,26 @@ class GroupedOutputSlicedConv(nn.Module):
 
 
 class SlicedBatchNorm(nn.Module):
-    """Eval-mode batch norm on the channels ``active``."""
+    """Eval-mode batch norm on the channels of the set; the sliced statistics are cached like weights."""
 
-    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, *, cache_size: int = 0) -> None:
         super().__init__()
         self.norm = norm
+        self.cache = WeightCache(cache_size)
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
         norm = self.norm
-        if active.numel() == 0:  # batch norm refuses zero channels, and there is nothing to normalise
+        if channels.index is None:
+            return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+        if channels.count == 0:  # batch norm refuses zero channels, and there is nothing to normalise
             return x
-        weight = norm.weight.index_select(0, active) if norm.weight is not None else None
-        bias = norm.bias.index_select(0, active) if norm.bias is not None else None
-        return F.batch_norm(
-            x, norm.running_mean.index_select(0, active), norm.running_var.index_select(0, active),
-            weight, bias, False, 0.0, norm.eps,
-        )
+        sources = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
+        mean, var, weight, bias = self.cache.get(sources, channels.key, lambda: _selected(sources, channels.index))
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, norm.eps)
+
+
+def _selected(tensors: tuple[Tensor | None, ...], active: Tensor) -> Derived:
+    return tuple(t.index_select(0, active) if t is not None else None for t in tensors)
 
 
 class Widened(nn.Module):
@@ -277,12 +306,13 @@ class Widened(nn.Module):
         self.channels = channels
         self.widen_input, self.select_output = widen_input, select_output
 
-    def forward(self, x: Tensor, active: Tensor) -> Tensor:
-        if self.widen_input:
+    def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
+        active = channels.index
+        if self.widen_input and active is not None:
             x = x.new_zeros((x.shape[0], self.channels) + x.shape[2:]).index_copy_(1, active, x)
         if self.module is not None:
             x = self.module(x)
-        return x.index_select(1, active) if self.select_output else x
+        return x.index_select(1, active) if self.select_output and active is not None else x
 
 
 def sliced(module: nn.Module | None, role: str, channels: int, *, cache_size: int = 0) -> nn.Module:
@@ -301,7 +331,7 @@ def sliced(module: nn.Module | None, role: str, channels: int, *, cache_size: in
     if role == "chain" and is_conv and module.groups == module.in_channels == module.out_channels:
         return OutputSlicedConv(module, cache_size=cache_size)
     if role == "chain" and is_plain_norm(module):
-        return SlicedBatchNorm(module)
+        return SlicedBatchNorm(module, cache_size=cache_size)
     if role == "consumer" and is_conv:
         if module.groups == 1:
             return InputSlicedConv(module, cache_size=cache_size)

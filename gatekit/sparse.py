@@ -4,12 +4,13 @@ from __future__ import annotations
 import functools
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sliced import WeightCache, memory_format_of, sliced
+from ._fused_gate import FusedGate
+from ._sliced import ChannelSet, memory_format_of, sliced
 from .blocks import GateSite
 from .errors import GatekitError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
@@ -116,12 +117,19 @@ class SparseBlock(nn.Module):
     Given the shortcut, returns the block's sum: the shortcut, plus the branch output on the samples
     that execute the block. Without it, returns the branch output at full batch size, zeros for
     skipped samples (a zero scalar when the whole batch skips the block).
+
+    Per call it pays one pooling, two matrix products and one copy of the decisions to the host
+    (:class:`FusedGate`); channel sets come from a table keyed by the decision bytes, and a set that
+    keeps every channel runs the branch's layers as they are (docs/sparse.md, "Where the time goes").
     """
 
     def __init__(self, gate: Gate, branch: fx.GraphModule, strategy: str) -> None:
         super().__init__()
         self.gate, self.branch, self.strategy = gate, branch, strategy
-        self.heads = WeightCache(1)
+        self.fused = FusedGate(gate)
+        self.channels = gate.channels if gate.channel_head is not None else 0
+        self.layer_gated = gate.layer_head is not None
+        self._sets: dict[bytes, ChannelSet] = {}
 
     def train(self, mode: bool = True) -> SparseBlock:
         if mode:
@@ -129,69 +137,80 @@ class SparseBlock(nn.Module):
         return self  # its gate and layers are the gated model's: their modes are the user's
 
     def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
-        channel_gates, layer_gates = self._decide(x)
-        rows = None if layer_gates is None else layer_gates.nonzero().flatten()
-        if rows is not None and rows.numel() == 0:
-            return x.new_zeros(()) if shortcut is None else shortcut.clone()
-        if rows is not None and rows.numel() == x.shape[0]:
-            rows = None
+        if x.shape[0] == 0:
+            return self._skipped(shortcut, x)
+        # The only host round trip of the block: shapes depend on the decisions. On a CPU it is a view.
+        decisions = (self.fused.logits(x) > 0).cpu().numpy()
+        if x.shape[0] == 1:  # the common deployment case, in as few Python operations as possible
+            row = decisions[0]
+            if self.layer_gated and not row[-1]:
+                return self._skipped(shortcut, x)
+            output = self.branch.forward(x, self._set_of(row[: self.channels], x), None) if self.channels else self.branch.forward(x)
+            return output if shortcut is None else output + shortcut
+        return self._run_batch(x, shortcut, decisions)
+
+    def _run_batch(self, x: Tensor, shortcut: Tensor | None, decisions: np.ndarray) -> Tensor:
+        rows = None
+        if self.layer_gated and not decisions[:, -1].all():
+            executing = np.flatnonzero(decisions[:, -1])
+            if executing.size == 0:
+                return self._skipped(shortcut, x)
+            decisions, rows = decisions[executing], torch.from_numpy(executing).to(x.device)
         inputs = x if rows is None else x[rows]  # indexing keeps a channels-last layout; index_select does not
-        if channel_gates is None:
-            output = self.branch(inputs)
-        else:
-            channel_gates = channel_gates if rows is None else channel_gates.index_select(0, rows)
-            output = self._run_channels(inputs, channel_gates)
+        output = self._run_channels(inputs, decisions[:, : self.channels]) if self.channels else self.branch(inputs)
         if rows is None:
             return output if shortcut is None else output + shortcut
         if shortcut is None:
             return _new_batch(output, x.shape[0], zeros=True).index_copy_(0, rows, output)
         return shortcut.index_add(0, rows, output)
 
-    def _decide(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The gate's eval-mode decisions as bool tensors: channel [B, N] or None, layer [B] or None.
+    @staticmethod
+    def _skipped(shortcut: Tensor | None, x: Tensor) -> Tensor:
+        # A copy: the caller may edit the block's output in place (a ReLU(inplace=True) after the add).
+        return x.new_zeros(()) if shortcut is None else shortcut.clone()
 
-        What ``Gate.forward`` computes in eval mode, in fewer calls: both heads in one matrix
-        product, and none of the logits and decisions a Gate keeps on itself for the losses (at
-        batch 1 that bookkeeping cost more than the gate's arithmetic).
-        """
-        gate = self.gate
-        hidden = F.linear(x.flatten(2).mean(2), gate.fc.weight, gate.fc.bias).relu_()
-        decisions = F.linear(hidden, *self._joined_heads()) > 0
-        channel = decisions[:, : gate.channels] if gate.channel_head is not None else None
-        layer = decisions[:, -1] if gate.layer_head is not None else None
-        return channel, layer
+    def _set_of(self, row: np.ndarray, like: Tensor) -> ChannelSet:
+        """The channel set of one decision row, from a table keyed by its bytes."""
+        key = row.tobytes()
+        found = self._sets.get(key)
+        if found is None or (found.index is not None and found.index.device != like.device):
+            if len(self._sets) >= _MAX_SETS:
+                self._sets.clear()
+            index = None if row.all() else torch.from_numpy(np.flatnonzero(row)).to(like.device)
+            found = self._sets[key] = ChannelSet(index, int(row.sum()), key)
+        return found
 
-    def _joined_heads(self) -> tuple[Tensor, Tensor]:
-        """Weight and bias of the channel head, then the layer head, as one linear layer."""
-        heads = [head for head in (self.gate.channel_head, self.gate.layer_head) if head is not None]
-        weights, biases = [head.weight for head in heads], [head.bias for head in heads]
-        return self.heads.get(tuple(weights + biases), b"", lambda: (torch.cat(weights), torch.cat(biases)))
-
-    def _run_channels(self, inputs: Tensor, channel_gates: Tensor) -> Tensor:
+    def _run_channels(self, inputs: Tensor, channel_decisions: np.ndarray) -> Tensor:
         if self.strategy == "union" or inputs.shape[0] == 1:
-            return self._run_union(inputs, channel_gates)
+            return self._run_union(inputs, channel_decisions)
         # Per sample, but the samples that keep the same channels share one pass.
-        channel_sets, set_of_sample = torch.unique(channel_gates, dim=0, return_inverse=True)
+        channel_sets, set_of_sample = np.unique(channel_decisions, axis=0, return_inverse=True)
         if channel_sets.shape[0] == 1:
-            return self._run_union(inputs, channel_gates)
+            return self.branch(inputs, self._set_of(channel_sets[0], inputs), None)
         output = None
         for index in range(channel_sets.shape[0]):
-            samples = (set_of_sample == index).nonzero().flatten()
-            piece = self._run_union(inputs[samples], channel_sets[index : index + 1])
+            samples = torch.from_numpy(np.flatnonzero(set_of_sample.reshape(-1) == index)).to(inputs.device)
+            piece = self.branch(inputs[samples], self._set_of(channel_sets[index], inputs), None)
             if output is None:
                 output = _new_batch(piece, inputs.shape[0])
             output.index_copy_(0, samples, piece)
         return output
 
-    def _run_union(self, inputs: Tensor, channel_gates: Tensor) -> Tensor:
+    def _run_union(self, inputs: Tensor, channel_decisions: np.ndarray) -> Tensor:
         """One pass over the channels any sample keeps, each sample's own channels masked inside it."""
-        single = channel_gates.shape[0] == 1
-        active = (channel_gates[0] if single else channel_gates.any(0)).nonzero().flatten()
+        union = channel_decisions.any(0)
+        chosen = self._set_of(union, inputs)
+        kept = channel_decisions[:, union]
         # No channel active: the sliced layers give zero-channel tensors, and the consumer its bias.
-        if single or active.numel() == 0:  # one sample, or samples sharing one set: every active channel is kept
-            return self.branch(inputs, active, None)
-        mask = channel_gates.index_select(1, active)
-        return self.branch(inputs, active, None if bool(mask.all()) else mask.to(inputs.dtype))
+        if chosen.count == 0 or kept.all():  # samples sharing one set: every active channel is kept
+            return self.branch(inputs, chosen, None)
+        mask = torch.from_numpy(np.ascontiguousarray(kept)).to(device=inputs.device, dtype=inputs.dtype)
+        return self.branch(inputs, chosen, mask)
+
+
+# Distinct channel sets a block remembers before it starts its table again: a set is a few hundred
+# bytes at most, and learned gates repeat a small number of them.
+_MAX_SETS = 256
 
 
 def _new_batch(like: Tensor, batch: int, *, zeros: bool = False) -> Tensor:
@@ -210,7 +229,7 @@ def _branch_graph(
     model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, gate: Gate, cache_size: int,
     sparse_blocks: nn.ModuleDict,
 ) -> fx.GraphModule:
-    """Copy a block's branch into its own GraphModule taking (x[, active, mask]), layers sliced.
+    """Copy a block's branch into its own GraphModule taking (x[, channels, mask]), layers sliced.
 
     A block nested in this one's branch was made sparse first (its add comes first): the copy calls
     its SparseBlock, from ``sparse_blocks``.
@@ -225,7 +244,7 @@ def _branch_graph(
     new_graph, modules = fx.Graph(), {}
     env = {block_input: new_graph.placeholder("x")}
     gated = gate.channel_head is not None
-    active = new_graph.placeholder("active") if gated else None
+    active = new_graph.placeholder("channels") if gated else None
     mask = new_graph.placeholder("mask") if gated else None
     roles = _channel_roles(nodes, site) if gated else {}
 

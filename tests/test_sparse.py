@@ -97,3 +97,35 @@ def test_sparse_shares_weights_and_is_inference_only():
         gatekit.sparse(gated, strategy="fastest")
     with pytest.raises(gatekit.NotConvertedError):
         gatekit.sparse(get_model("cifar/resnet8"))
+
+
+def test_open_gates_slice_nothing_and_gate_edits_are_seen():
+    gated, images = gated_zoo_model("cifar/resnet20")
+    set_gates(gated, layer=True, channels=10**6)
+    fast = gatekit.sparse(gated)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images[:1]), gated(images[:1]), atol=1e-5, rtol=1e-5)
+        caches = [m.cache for m in fast.modules() if hasattr(m, "cache")]
+        assert caches and all(not cache.entries for cache in caches)  # every filter kept: no slice made
+        for gate in gatekit.gates_of(gated).values():  # in place, after the sparse model joined the heads
+            gate.layer_head.bias.fill_(-50.0)
+        torch.testing.assert_close(fast(images), gated(images), atol=1e-5, rtol=1e-5)
+        assert all(not bool(g.layer_gates.any()) for g in gatekit.gates_of(gated).values())
+
+
+@pytest.mark.parametrize("mode", ["channel", "layer", "channel+layer"])
+def test_fused_eval_forward_records_what_gate_forward_records(mode):
+    from gatekit._fused_gate import eval_forward
+
+    gated, images = gated_zoo_model("cifar/resnet8", mode)
+    for gate in gatekit.gates_of(gated).values():
+        x = torch.randn(3, gate.in_channels, 8, 8)
+        with torch.no_grad():
+            expected = gate(x)
+            records = [gate.channel_logits, gate.layer_logits]
+            fused = eval_forward(gate, x)
+        for got, want in zip((*fused, gate.channel_logits, gate.layer_logits), (*expected, *records)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
