@@ -114,6 +114,40 @@ def test_temperature_schedule_steps_per_batch_and_resumes_from_a_checkpoint():
     assert all(g.temperature == pytest.approx(8.0 * (1 / 8) ** 0.5) for g in gatekit.gates_of(gated).values())
 
 
+class DistilledClassifier(Classifier):
+    def __init__(self, gated: nn.Module, distillation: gatekit.DistillationLoss) -> None:
+        super().__init__(gated)
+        self.distillation = distillation  # not a module: Lightning neither trains nor saves the teacher
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.net(images)
+        return nn.functional.cross_entropy(logits, labels) + self.distillation(logits, images)
+
+
+def test_recipe_schedules_step_per_batch_distillation_runs_and_batch_norms_are_recalibrated_at_the_end(tmp_path):
+    teacher = ToyResNet().eval()
+    gated = gatekit.convert(teacher, example_input=X[:1], regularizer=gatekit.MacBudgetLoss(budget=0.6))
+    sparsity = gatekit.SparsitySchedule(gated, steps=8)
+    noise = gatekit.NoiseSchedule(gated, steps=2, delay=2)
+    callback = GateCallback(sparsity=sparsity, noise=noise, distillation=gatekit.DistillationLoss(teacher),
+                            recalibrate_batches=2)
+    module = DistilledClassifier(gated, callback.distillation)
+    fit(module, callback)
+    assert sparsity.count == noise.count == 4 and sparsity.pressure == 0.5 and noise.noise == 0.0
+    assert gated.gatekit.regularizer.target == pytest.approx(0.8)
+    assert not any(m.training for m in teacher.modules()) and all(p.grad is None for p in teacher.parameters())
+    assert not any(key.startswith("distillation") for key in module.state_dict())
+    # The end-of-fit recalibration left statistics of the first two training batches, eval decisions.
+    statistics = {k: v.clone() for k, v in gated.state_dict().items() if "running" in k}
+    gatekit.recalibrate_batchnorm(gated, [X[:8], X[8:16]])
+    assert all(torch.allclose(statistics[k], v, atol=1e-6) for k, v in gated.state_dict().items() if "running" in k)
+    resumed = GateCallback(sparsity=gatekit.SparsitySchedule(gated, steps=8),
+                           noise=gatekit.NoiseSchedule(gated, steps=2, delay=2))
+    resumed.load_state_dict(callback.state_dict())
+    assert [s.count for s in resumed.schedules] == [4, 4] and resumed.schedules[0].pressure == 0.5
+
+
 def test_only_logging_leaves_the_loss_alone_and_a_user_loss_replaces_the_attached_one():
     module = Classifier(gated_toy())
     losses = []

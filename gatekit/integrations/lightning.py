@@ -1,4 +1,4 @@
-"""A PyTorch Lightning callback that trains a gated model: loss term, gate logs, temperature.
+"""A PyTorch Lightning callback that trains a gated model: loss term, gate logs, schedules, recalibration.
 
 Lightning has no callback hook that may change the loss: ``on_before_backward`` receives it only
 to read. So, while ``fit`` runs, :class:`GateCallback` wraps the LightningModule's
@@ -16,11 +16,15 @@ from typing import Any, Callable, Literal
 
 from torch import Tensor, nn
 
+from ..batchnorm import recalibrate_batchnorm
+from ..distillation import DistillationLoss
 from ..errors import GatekitError, MissingDependencyError, NotConvertedError
 from ..gated_model import GatekitInfo
 from ..logging import GateMeter
 from ..losses import gate_loss
 from ..macs import BlockCosts
+from ..noise import NoiseSchedule
+from ..sparsity_schedule import SparsitySchedule
 from ..temperature import TemperatureSchedule, set_temperature
 
 try:
@@ -58,6 +62,14 @@ class GateCallback(pl.Callback):
         costs: block costs at the training input size (:func:`gatekit.macs.measure_costs`); by
             default those at the conversion's example input.
         per_block: log each block's rates too.
+        sparsity: a :class:`gatekit.SparsitySchedule` of the same model, stepped after every training batch.
+        noise: a :class:`gatekit.NoiseSchedule` of the same model, stepped after every training batch.
+        distillation: the :class:`gatekit.DistillationLoss` that ``training_step`` adds; the callback
+            moves its teacher to the module's device when fitting starts (the teacher is no submodule,
+            so Lightning would not move, train or checkpoint it).
+        recalibrate_batches: at the end of fitting, re-estimate the batch-norm statistics on this
+            many batches of the training loader with eval-mode gate decisions
+            (:func:`gatekit.recalibrate_batchnorm`); 0 to skip.
 
     Raises:
         NotConvertedError: (at setup) the LightningModule holds no gated model, or ``model`` names none.
@@ -78,12 +90,18 @@ class GateCallback(pl.Callback):
         temperature_interval: Literal["step", "epoch"] = "step",
         costs: BlockCosts | None = None,
         per_block: bool = True,
+        sparsity: SparsitySchedule | None = None,
+        noise: NoiseSchedule | None = None,
+        distillation: DistillationLoss | None = None,
+        recalibrate_batches: int = 0,
     ) -> None:
         if temperature_interval not in ("step", "epoch"):
             raise GatekitError(f"temperature_interval={temperature_interval!r}: use 'step' or 'epoch'.")
         self.loss, self.add_loss, self.model_path = loss, add_loss, model
         self.temperature, self.temperature_interval = temperature, temperature_interval
         self.costs, self.per_block = costs, per_block
+        self.schedules = [schedule for schedule in (sparsity, noise) if schedule is not None]
+        self.distillation, self.recalibrate_batches = distillation, recalibrate_batches
         self.gated: nn.Module | None = None
         self._meters: dict[str, GateMeter] = {}
 
@@ -95,6 +113,14 @@ class GateCallback(pl.Callback):
         if stage == "fit" and self.add_loss:
             self._check_loss(pl_module)
             self._wrap_training_step(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.distillation is not None:
+            self.distillation.teacher.to(pl_module.device)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recalibrate_batches:
+            recalibrate_batchnorm(self.gated, trainer.train_dataloader, max_batches=self.recalibrate_batches)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if "training_step" in vars(pl_module) and getattr(pl_module.training_step, "_gatekit_wrapped", False):
@@ -172,6 +198,8 @@ class GateCallback(pl.Callback):
             self._meters["train"].update()
         if self.temperature is not None and self.temperature_interval == "step":
             self.temperature.step()
+        for schedule in self.schedules:
+            schedule.step()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         extra = {} if self.temperature is None else {"temperature": self.temperature.temperature}
@@ -201,9 +229,15 @@ class GateCallback(pl.Callback):
 
     # -- checkpoints: the schedule resumes where it was ----------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.temperature is None else {"temperature_steps": self.temperature.count}
+        state = {} if self.temperature is None else {"temperature_steps": self.temperature.count}
+        if self.schedules:
+            state["schedule_steps"] = [schedule.count for schedule in self.schedules]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.temperature is not None and "temperature_steps" in state_dict:
             self.temperature.count = state_dict["temperature_steps"]
             set_temperature(self.temperature.model, self.temperature.temperature)
+        for schedule, count in zip(self.schedules, state_dict.get("schedule_steps", [])):
+            schedule.count = count - 1
+            schedule.step()  # applies the value of step ``count``

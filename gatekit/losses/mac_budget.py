@@ -48,7 +48,24 @@ def expected_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
 def deployed_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
     """Per-sample MACs of the last batch under eval-mode decisions (``logit > 0``), without gradient.
 
-    What the deployed model would spend on the last batch, whatever the training noise sampled.
+    What the deployed model would spend on the last batch of a training forward, whatever the
+    training noise sampled; the budget controller of :class:`MacBudgetLoss` steers by it. (Later
+    blocks' logits still saw the sampled decisions of earlier blocks.)
+
+    Args:
+        model: a model returned by :func:`gatekit.convert`, after a forward pass.
+        costs: block costs at another input size; by default those at the conversion's example input.
+
+    Returns:
+        A float tensor of shape [B], the gates' own MACs included.
+
+    Raises:
+        NotConvertedError: the model has no gates.
+        GatekitError: no forward pass yet.
+
+    >>> gated(images)  # doctest: +SKIP
+    >>> deployed_macs(gated).mean() / gated.gatekit.dense_macs  # doctest: +SKIP
+    tensor(0.5013, dtype=torch.float64)
     """
     with torch.no_grad():
         return _cost(model, costs, _thresholded)
