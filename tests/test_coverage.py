@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import timm.models.convnext
 import timm.models.regnet
 import timm.models.resnetv2
@@ -151,3 +152,18 @@ def test_stochastic_depth_still_drops_branches_when_the_gated_model_trains():
     # One per residual block, each a module, not a call frozen into the graph as `training=False`.
     assert len(kept_whole) == len(residual_blocks(model)) == 9
     assert gated.get_submodule(kept_whole[-1]).train()(torch.ones(8, 2)).eq(0).any()
+
+
+TIMM_SAMPLE = coverage._timm_families.representatives(timm.list_models(pretrained=False))
+
+
+@pytest.mark.parametrize("family", coverage._timm_families.CI_SAMPLE)
+def test_timm_family_sample_converts_and_passes_every_check(family):
+    """benchmarks/coverage.py --timm-families on a fixed sample: the issue-14 patterns (ReXNet's
+    partial residual, HRNet's fusion, Res2Net's splits) and two plain residual CNNs."""
+    result = coverage.check_timm_family(family, TIMM_SAMPLE[family], size=SIZE)
+    assert result.outcome == "ok", result
+    assert result.gated > 0 and result.dense_macs_equal and result.dynamic_macs_equal
+    if family == "hrnet":  # fusion adds are named and skipped; the blocks of each resolution are gated
+        assert result.skip_reasons.keys() <= {"fusion of parallel paths", "branch value used outside the branch"}
+        assert result.skipped > 0
