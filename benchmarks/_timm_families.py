@@ -34,7 +34,8 @@ CI_SAMPLE = ("rexnet", "hrnet", "res", "dla", "cspresnet")  # "res": Res2Net
 @dataclass
 class FamilyResult:
     """What :func:`check_family` found; ``outcome`` is one of "ok", "no residual block", "not traceable",
-    "input too small", "timeout", "refused", "checks fail", "crash"."""
+    "cannot build", "input too small" (the original fails at the small and at its own input size), "timeout",
+    "refused", "checks fail", "crash"."""
 
     family: str
     model: str
@@ -70,8 +71,8 @@ def _size_key(name: str) -> tuple[int, int, int, str]:
     return word, int(number.group()) if number else 10**6, len(name), name
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Raised by the alarm; a BaseException so that no ``except Exception`` on the way swallows it."""
 
 
 def _alarm(signum, frame):
@@ -104,13 +105,22 @@ def _run(result: FamilyResult, size: int, seed: int, flop_counter_macs, randomiz
     torch.manual_seed(seed)
     try:
         model = randomize(timm.create_model(result.model, pretrained=False).eval(), seed)
-        channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), 3)
-        images = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            expected = model(images)
-    except Exception as error:  # noqa: BLE001  (the model itself, not gatekit)
-        result.outcome, result.detail = "input too small", f"{type(error).__name__}: {str(error)[:160]}"
+    except Exception as error:  # noqa: BLE001  (timm, not gatekit)
+        result.outcome, result.detail = "cannot build", f"{type(error).__name__}: {str(error)[:160]}"
         return
+    channels, native = model.pretrained_cfg.get("input_size", (3, 224, 224))[0], model.pretrained_cfg.get("input_size")
+    # At the small size first; a model built for one input size (most transformers) at its own.
+    for height, width in [(size, size)] + ([tuple(native[1:])] if native and tuple(native[1:]) != (size, size) else []):
+        images = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(seed))
+        try:
+            with torch.no_grad():
+                expected = model(images)
+            break
+        except Exception as error:  # noqa: BLE001  (the model itself, not gatekit)
+            result.outcome, result.detail = "input too small", f"{type(error).__name__}: {str(error)[:160]}"
+    else:
+        return
+    result.outcome, result.detail = "", "" if (height, width) == (size, size) else f"at {height}x{width}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", gatekit.SkippedBlocksWarning)
@@ -157,7 +167,8 @@ def _measure(result, model, gated, images, expected, seed, flop_counter_macs, ra
             (f"sparse differs by {result.sparse:.2g}", result.sparse > TOLERANCE),
         ) if failed
     ]
-    result.outcome, result.detail = ("checks fail", "; ".join(failures)) if failures else ("ok", "")
+    result.outcome = "checks fail" if failures else "ok"
+    result.detail = "; ".join(failures + ([result.detail] if result.detail else []))
 
 
 def _count_skipped(result: FamilyResult, model: nn.Module, images: torch.Tensor) -> None:
