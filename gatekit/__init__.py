@@ -15,6 +15,7 @@ from .losses import (
     target_rate_loss,
 )
 from .checkpoint import load, save
+from .compact import BlockFold, Compaction, compact
 from .optim import param_groups
 from .profiler import BlockProfile, Profile, profile
 from .sparse import sparse

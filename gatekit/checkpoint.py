@@ -60,6 +60,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "model_kwargs": {k: v for k, v in kwargs.items() if k not in _WEIGHT_ARGUMENTS},
             "convert_options": dict(info.options) if info is not None else None,
             "input_shape": list(input_shape),
+            # gatekit.compact's fold plans, applied again after conversion: plain data, no code.
+            "compaction": [list(plan) for plan in info.compaction] if info is not None else [],
             "state_dict": state_dict,
             "checksum": _checksum(state_dict),
         },
@@ -95,11 +97,26 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             f"{path} was written by gatekit {checkpoint.get('gatekit_version')} with arguments this "
             f"gatekit cannot rebuild {checkpoint['model']} from: {error}. Load it with that version."
         ) from error
+    if checkpoint.get("compaction"):
+        gated = _compacted(path, gated, checkpoint["compaction"])
     try:
         gated.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         raise GatekitError(f"the weights in {path} do not fit {checkpoint['model']}: {error}") from error
     return gated.to(map_location).eval()
+
+
+def _compacted(path: str | os.PathLike, gated: nn.Module, plans: Any) -> nn.Module:
+    """The converted model with the saved fold plans of gatekit.compact applied again."""
+    from .compact import apply_saved_plans
+
+    try:
+        return apply_saved_plans(gated, list(plans))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise GatekitError(
+            f"{path} has a malformed 'compaction' field ({type(error).__name__}: {error}): it was not "
+            f"written by gatekit.save, or was edited. Save the compacted model again."
+        ) from error
 
 
 def _read(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:

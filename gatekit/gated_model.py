@@ -31,6 +31,8 @@ class GatekitInfo:
         options: the conversion options, enough to convert the same model again.
         source: ``(name, kwargs)`` of the ``gatekit.adapters.get_model`` call that built the model,
             or None; :func:`gatekit.save` needs it.
+        compaction: the fold plans :func:`gatekit.compact` applied, in order (plain data, saved
+            with the model so that :func:`gatekit.load` rebuilds the same architecture).
     """
 
     mode: str
@@ -40,6 +42,7 @@ class GatekitInfo:
     regularizer: Callable[[nn.Module], Tensor] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     source: tuple[str, dict[str, Any]] | None = None
+    compaction: tuple[list[dict[str, Any]], ...] = ()
     skipped: tuple[SkippedSite, ...] = ()
 
 
