@@ -72,9 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "(see gatekit.sparsity_loss)")
     model.add_argument("--target", type=float, help="ConvNet-AIG target execution rate (target-rate loss)")
     model.add_argument("--budget", type=float, help="fraction of the dense MACs (MAC-budget loss)")
-    model.add_argument("--loss-weight", type=float, default=1.0, help="weight of the target-rate / MAC-budget loss")
-    model.add_argument("--controller", type=float, default=1.0,
-                       help="MAC-budget loss: dual-ascent step of its multiplier (0: plain quadratic loss)")
+    model.add_argument("--loss-weight", type=float, help="weight of the target-rate / MAC-budget loss (default: the loss's)")
+    model.add_argument("--controller", type=float,
+                       help="MAC-budget loss: dual-ascent step of its multiplier (0: plain quadratic loss; default: the loss's)")
     model.add_argument("--batch-shaping", type=float, default=0.0, help="weight of a batch-shaping loss added to the gates' loss")
     model.add_argument("--static-fraction", type=float, help="static: fraction of dense MACs to prune to")
     recipe = parser.add_argument_group("recipe")
@@ -155,10 +155,12 @@ def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 
 def regularizer(args: argparse.Namespace):
+    options = {name: value for name, value in (("weight", args.loss_weight), ("controller", args.controller))
+               if value is not None}
     if args.target is not None:
-        return gatekit.TargetRateLoss(target=args.target, weight=args.loss_weight)
+        return gatekit.TargetRateLoss(target=args.target, **{k: v for k, v in options.items() if k == "weight"})
     if args.budget is not None:
-        loss = gatekit.MacBudgetLoss(budget=args.budget, weight=args.loss_weight, controller=args.controller)
+        loss = gatekit.MacBudgetLoss(budget=args.budget, **options)
     else:
         loss = gatekit.SparsityLoss(layer=args.layer, channel=args.channel, channel_rates=args.channel_rates)
     return [loss, gatekit.BatchShapingLoss(weight=args.batch_shaping)] if args.batch_shaping else loss

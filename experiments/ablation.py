@@ -34,7 +34,7 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
         ("anneal", "+ training noise annealed to 0 over the second half, gate lr x10",
          ["--anneal-noise", "0.5", "--gate-lr-scale", "10"]),
         ("recal", "+ batch-norm recalibration (4096 images)", ["--recalibrate", "4096"]),
-        ("controller", "+ budget controller (dual ascent on deployed cost)", ["--controller", "1"]),
+        ("controller", "+ budget controller (dual ascent on deployed cost, step 0.5)", ["--controller", "0.5"]),
         ("shaping", "+ batch-shaping loss (weight 0.75)", ["--batch-shaping", "0.75"]),
     ]
     result, arguments = [], ["--method", "dlcg", "--budget", str(budget), *TODAY]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def train(model, steps: int, images, labels, lr: float, *, gated: bool, teacher=
             noise.step()
 
 
-def finetune(dense, budget: float, recipe: bool, images, labels, steps: int):
-    gated = gatekit.convert(dense, example_input=example_input(MODEL), regularizer=gatekit.MacBudgetLoss(budget=budget))
+def finetune(dense, budget: float, recipe: bool, images, labels, steps: int, **loss_options):
+    gated = gatekit.convert(dense, example_input=example_input(MODEL), regularizer=gatekit.MacBudgetLoss(budget=budget, **loss_options))
     if not recipe:
         train(gated, steps, images, labels, 0.05, gated=True)
         return gated
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--recipes", choices=("plain", "recipe"), nargs="+", default=["plain", "recipe"])
+    parser.add_argument("--weight", type=float, help="MacBudgetLoss weight (default: its default)")
+    parser.add_argument("--controller", type=float, help="MacBudgetLoss controller (default: its default)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -78,15 +82,16 @@ def main() -> None:
     rows = [dict(method="dense", **_measure(dense, val))]
     print(json.dumps(rows[0]), flush=True)
     for budget in args.budgets:
-        for recipe in (False, True):
+        for recipe in (name == "recipe" for name in args.recipes):
             began = time.perf_counter()
-            gated = finetune(dense, budget, recipe, images, labels, args.steps)
-            row = dict(budget=budget, recipe=recipe, seconds=round(time.perf_counter() - began, 1), **_measure(gated, val))
+            options = {k: getattr(args, k) for k in ("weight", "controller") if getattr(args, k) is not None}
+            gated = finetune(dense, budget, recipe, images, labels, args.steps, **options)
+            row = dict(budget=budget, recipe=recipe, **options, seconds=round(time.perf_counter() - began, 1), **_measure(gated, val))
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(rows=rows, steps=args.steps, date=time.strftime("%Y-%m-%d"),
+        args.out.write_text(json.dumps(dict(rows=rows, steps=args.steps, command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"),
                                             machine=platform.processor() or platform.machine(),
                                             torch=torch.__version__), indent=1))
 

@@ -218,7 +218,8 @@ def test_controller_raises_the_multiplier_on_overshoot_once_per_forward():
     model(images())
     first = gatekit.gate_loss(model)
     assert first.item() == pytest.approx(gatekit.mac_budget_loss(model, budget=0.5).item(), rel=1e-6)
-    assert loss.multiplier == pytest.approx(1.0 * (gatekit.deployed_macs(model).mean().item() / model.gatekit.dense_macs - 0.5))
+    excess = gatekit.deployed_macs(model).mean().item() / model.gatekit.dense_macs - 0.5
+    assert excess > 0.4 and loss.multiplier == pytest.approx(loss.controller * excess)
     raised = loss.multiplier
     gatekit.gate_loss(model)  # same forward: no second update
     assert loss.multiplier == raised
