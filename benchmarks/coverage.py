@@ -333,8 +333,14 @@ def run_timm_families(arguments: argparse.Namespace, command: str) -> None:
         results.append(check_timm_family(family, model, size=arguments.size, seconds=arguments.seconds))
         print(f"{family} ({model}): {results[-1].outcome} {results[-1].detail} ({results[-1].seconds:.1f} s)",
               file=sys.stderr, flush=True)
+        _write_timm_families(results, arguments, command)  # after each family: a stopped run still reports
     print(_timm_families.table(results))
     print(_timm_families.totals(results))
+    if any(r.outcome == "crash" for r in results):
+        sys.exit(1)
+
+
+def _write_timm_families(results: list[_timm_families.FamilyResult], arguments: argparse.Namespace, command: str) -> None:
     environment = machine()
     output = Path(arguments.output or f"benchmarks/results/coverage_timm_families_{environment['date'][:10]}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -344,8 +350,6 @@ def run_timm_families(arguments: argparse.Namespace, command: str) -> None:
         page = Path(arguments.markdown)
         existing = page.read_text() if page.exists() else "# Architecture coverage\n"
         page.write_text(_with_timm_section(existing, timm_families_section(results, arguments.size, environment, command)))
-    if any(r.outcome == "crash" for r in results):
-        sys.exit(1)
 
 
 def main() -> None:
