@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(finetune: 0.4, or 0 with a warm start)")
     recipe.add_argument("--warm-start", type=float, help="start channel gates from a magnitude pruner at this budget "
                         "(finetune: --budget; 0: off)")
+    recipe.add_argument("--warm-logit", type=float, default=3.0, help="magnitude of the warm start's gate logits")
     recipe.add_argument("--gate-lr-scale", type=float, help="gate learning rate / network learning rate (finetune: 10)")
     recipe.add_argument("--anneal-noise", type=float, help="fraction of the steps, at the end, over which the "
                         "training noise goes to 0 (finetune: 0.5; 0: off)")
@@ -181,7 +182,7 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     if args.method in GATES:
         gated = gatekit.convert(start, gates=GATES[args.method], regularizer=regularizer(args))
         if args.warm_start:
-            gatekit.warm_start(gated, args.warm_start)
+            gatekit.warm_start(gated, args.warm_start, logit=args.warm_logit)
         return gated
     return start
 

@@ -44,6 +44,8 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
     controller = next(args for name, _, args in result if name == "controller")
     result.append(("warm-above", "controller row, warm start 10 points above the budget: layer gates spend the rest",
                    controller + ["--warm-start", str(round(budget + 0.1, 3))]))
+    result.append(("warm-soft", "controller row, warm-start logits at ±1 instead of ±3: gates that can move",
+                   controller + ["--warm-logit", "1"]))
     result.append(("static", "reference: Torch-Pruning static (L1, uniform), same finetune and distillation",
                    ["--method", "static", "--static-fraction", str(budget), "--kd", "0.7"]))
     return result
