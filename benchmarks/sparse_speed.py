@@ -7,7 +7,9 @@ For each model, sparsity level and batch size this times, side by side:
 - ``sparse``: ``gatekit.sparse(gated)`` (union strategy), and at batch > 1 also ``per_sample``
   (``strategy="per-sample"``);
 - ``static``: the original model pruned with Torch-Pruning to the same per-block channel counts,
-  its closed blocks' branches removed: a dense model with physically smaller layers and the same MACs.
+  its closed blocks' branches removed: a dense model with physically smaller layers and the same MACs;
+- ``compact``: ``gatekit.sparse(gatekit.compact(gated, images))``: what every group decides alike
+  (filters no group keeps, layer gates no group closes) folded into the architecture, the rest sparse.
 
 Gate decisions are forced, not learned. Each block keeps the same number of filters for every
 sample, and each stage closes the same number of equal-cost blocks, so every sample costs the same
@@ -240,11 +242,11 @@ def prepare(model: nn.Module, level: float, images: Tensor) -> dict:
         raise RuntimeError(f"level {level}: dynamic MACs {macs.tolist()} differ from the plan's {planned}")
     models = dict(
         masked=gated, sparse=gatekit.sparse(gated), per_sample=gatekit.sparse(gated, strategy="per-sample"),
-        static=static_model(model, gated, plan, images[:1]),
+        static=static_model(model, gated, plan, images[:1]), compact=gatekit.sparse(gatekit.compact(gated, images)),
     )
     group0 = torch.arange(images.shape[0]) % GROUPS == 0
     with torch.inference_mode():
-        for strategy in ("sparse", "per_sample"):
+        for strategy in ("sparse", "per_sample", "compact"):
             torch.testing.assert_close(models[strategy](images), masked_output, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(models["static"](images)[group0], masked_output[group0], atol=1e-4, rtol=1e-4)
     sites = gated.gatekit.sites
@@ -271,7 +273,7 @@ def run_model(
         # The masked model computes every block whatever its gates decide: timed at one level.
         variants = {"dense": model, "masked": cases[LEVELS[0]]["models"]["masked"]}
         for level, case in cases.items():
-            variants.update({f"{kind}@{level}": case["models"][kind] for kind in ("sparse", "per_sample", "static")})
+            variants.update({f"{kind}@{level}": case["models"][kind] for kind in ("sparse", "per_sample", "static", "compact")})
             if batch == 1:  # one sample: both strategies run the same passes
                 del variants[f"per_sample@{level}"]
         inputs = batch_of(images, batch).to(device).contiguous(memory_format=layout)
@@ -296,17 +298,18 @@ def _caller(module: nn.Module, inputs: Tensor, device: torch.device) -> Callable
 
 def _row(name: str, batch: int, level: float, case: dict, dense_macs: int, times: dict[str, list[float]]) -> dict:
     """Latencies are medians; speedups and ratios are medians of within-repeat ratios."""
-    dense, static, union = times["dense"], times[f"static@{level}"], times[f"sparse@{level}"]
+    dense, static, union, compact = times["dense"], times[f"static@{level}"], times[f"sparse@{level}"], times[f"compact@{level}"]
     per_sample = times.get(f"per_sample@{level}", union)
     ideal = dense_macs / case["macs"]
     row = dict(
         model=name, batch=batch, target=level, mac_fraction=case["macs"] / dense_macs,
         closed_blocks=case["closed_blocks"], mean_channel_keep=case["mean_channel_keep"], ideal_speedup=ideal,
     )
-    latencies = dict(dense=dense, masked=times["masked"], static=static, sparse=union, per_sample=per_sample)
+    latencies = dict(dense=dense, masked=times["masked"], static=static, sparse=union, per_sample=per_sample, compact=compact)
     for key, samples in latencies.items():
         row[f"{key}_ms"] = 1e3 * statistics.median(samples)
-    for key, samples in (("static", static), ("sparse", union), ("per_sample", per_sample)):
+    row["masked_over_dense"] = paired_ratio(times["masked"], dense)
+    for key, samples in (("static", static), ("sparse", union), ("per_sample", per_sample), ("compact", compact)):
         row[f"{key}_speedup"] = paired_ratio(dense, samples)
         row[f"{key}_of_ideal"] = row[f"{key}_speedup"] / ideal
         if key != "static":
@@ -317,12 +320,14 @@ def _row(name: str, batch: int, level: float, case: dict, dense_macs: int, times
 COLUMNS = (  # header, row key, format
     ("model", "model", "<9"), ("batch", "batch", ">5"), ("MACs", "mac_fraction", ">5.0%"),
     ("dense ms", "dense_ms", ">9.1f"), ("masked", "masked_ms", ">8.1f"), ("static", "static_ms", ">8.1f"),
-    ("union", "sparse_ms", ">8.1f"), ("per-smp", "per_sample_ms", ">8.1f"), ("ideal x", "ideal_speedup", ">7.2f"),
+    ("union", "sparse_ms", ">8.1f"), ("per-smp", "per_sample_ms", ">8.1f"), ("compact", "compact_ms", ">8.1f"),
+    ("ideal x", "ideal_speedup", ">7.2f"), ("mask/d", "masked_over_dense", ">6.2f"),
     ("static x", "static_speedup", ">8.2f"), ("union x", "sparse_speedup", ">7.2f"),
-    ("p-s x", "per_sample_speedup", ">6.2f"),
+    ("p-s x", "per_sample_speedup", ">6.2f"), ("cp x", "compact_speedup", ">6.2f"),
     ("un/st", "sparse_over_static", ">6.2f"), ("ps/st", "per_sample_over_static", ">6.2f"),
+    ("cp/st", "compact_over_static", ">6.2f"),
     ("st/ideal", "static_of_ideal", ">8.0%"), ("un/ideal", "sparse_of_ideal", ">8.0%"),
-    ("ps/ideal", "per_sample_of_ideal", ">8.0%"),
+    ("ps/ideal", "per_sample_of_ideal", ">8.0%"), ("cp/ideal", "compact_of_ideal", ">8.0%"),
 )
 
 

@@ -102,6 +102,8 @@ class SparseModel(fx.GraphModule):
 
 
 def _refuse_training(modules: list[tuple[str, nn.Module]], model: nn.Module, inputs: tuple) -> None:
+    if not any(module.training for _, module in modules):  # every call: the cheap check first
+        return
     training = [name for name, module in modules if module.training]
     if training:
         raise GatekitError(
@@ -140,7 +142,8 @@ class SparseBlock(nn.Module):
         if x.shape[0] == 0:
             return self._skipped(shortcut, x)
         # The only host round trip of the block: shapes depend on the decisions. On a CPU it is a view.
-        decisions = (self.fused.logits(x) > 0).cpu().numpy()
+        bits = self.fused.logits(x) > 0
+        decisions = bits.numpy() if bits.is_cpu else bits.cpu().numpy()
         if x.shape[0] == 1:  # the common deployment case, in as few Python operations as possible
             row = decisions[0]
             if self.layer_gated and not row[-1]:
