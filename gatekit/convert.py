@@ -146,7 +146,10 @@ def gate_sites(
     the gated ``channels`` of its ``first_conv``, the ``consumer`` conv and the ``shortcut``.
 
     Args:
-        model, example_input, leaf_modules, autowrap_functions: as for :func:`convert`.
+        model: a residual network, as for :func:`convert`.
+        example_input: an input the model accepts, as for :func:`convert`.
+        leaf_modules: module types torch.fx must not trace into.
+        autowrap_functions: free functions torch.fx must record as calls instead of tracing.
         skipped: also return the residual adds that cannot be gated, each a
             :class:`gatekit.SkippedSite` with its ``reason``.
 
