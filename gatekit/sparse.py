@@ -142,7 +142,7 @@ class SparseBlock(nn.Module):
         if x.shape[0] == 0:
             return self._skipped(shortcut, x)
         # The only host round trip of the block: shapes depend on the decisions. On a CPU it is a view.
-        bits = self.fused.logits(x) > 0
+        bits = self.fused.decisions(x)
         decisions = bits.numpy() if bits.is_cpu else bits.cpu().numpy()
         if x.shape[0] == 1:  # the common deployment case, in as few Python operations as possible
             row = decisions[0]
