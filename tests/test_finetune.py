@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 import gatekit
 from gatekit import GatekitError
@@ -95,3 +96,65 @@ def test_finetune_example_runs(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["gated"]["accuracy"] == summary["gated"]["accuracy"]
     assert set(summary["gated"]["blocks"]) == {"layer1.0", "layer2.0", "layer3.0"}
     assert 0 <= summary["gated"]["channel_rate"] <= summary["gated"]["execution_rate"] <= 1
+
+
+@pytest.fixture(scope="module")
+def trained_dense():
+    """A dense mnist/resnet8 after 150 steps on Fashion-MNIST (about 0.8 test accuracy)."""
+    torch.manual_seed(0)
+    images, labels = fashion_mnist("train", 6000)
+    model = get_model(MODEL, num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=150, pct_start=0.2)
+    train(model, optimizer, schedule, 150, images, labels, sparsity=False)
+    return model.eval(), images, labels
+
+
+def finetune_to_budget(dense, images, labels, budget: float, *, recipe: bool, steps: int = 200):
+    """The plain loop with MacBudgetLoss defaults, or docs/howto/finetune.md's recipe."""
+    gated = gatekit.convert(dense, example_input=example_input(MODEL), regularizer=gatekit.MacBudgetLoss(budget=budget))
+    distill, noise = None, None
+    if recipe:
+        gatekit.warm_start(gated, budget)
+        distill = gatekit.DistillationLoss(dense, weight=0.7)
+        noise = gatekit.NoiseSchedule(gated, steps=steps // 2, delay=steps - steps // 2)
+    optimizer = torch.optim.SGD(gatekit.param_groups(gated, gate_lr=0.5 if recipe else None), lr=0.05,
+                                momentum=0.9, nesterov=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(0)
+    gated.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(labels), (BATCH,), generator=generator)
+        logits = gated(images[batch])
+        loss = F.cross_entropy(logits, labels[batch])
+        if distill is not None:
+            loss = 0.3 * loss + distill(logits, images[batch])
+        loss = loss + gatekit.gate_loss(gated)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if noise is not None:
+            noise.step()
+    if recipe:
+        gatekit.recalibrate_batchnorm(gated, images[:2048])
+    return gated.eval()
+
+
+def test_budget_loss_with_defaults_lands_near_its_budget_on_held_out_images(trained_dense):
+    dense, images, labels = trained_dense
+    test_images, test_labels = fashion_mnist("test", 1000)
+    report = gatekit.profile(finetune_to_budget(dense, images, labels, 0.5, recipe=False), TensorDataset(test_images, test_labels))
+    assert abs(report.mean_macs / report.dense_macs - 0.5) < 0.05, report.mean_macs / report.dense_macs
+
+
+def test_recipe_lands_the_budget_and_closes_filters_inside_blocks_that_run(trained_dense):
+    dense, images, labels = trained_dense
+    test_images, test_labels = fashion_mnist("test", 1000)
+    dense_accuracy = gatekit.profile(dense, TensorDataset(test_images, test_labels)).accuracy
+    report = gatekit.profile(finetune_to_budget(dense, images, labels, 0.5, recipe=True), TensorDataset(test_images, test_labels))
+    execution = sum(b.execution_rate for b in report.blocks) / len(report.blocks)
+    channel = sum(b.channel_rate for b in report.blocks) / len(report.blocks)
+    assert abs(report.mean_macs / report.dense_macs - 0.5) < 0.03, report.mean_macs / report.dense_macs
+    assert channel < execution - 0.2, (channel, execution)
+    assert report.accuracy > dense_accuracy - 0.1, (report.accuracy, dense_accuracy)
