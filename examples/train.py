@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(finetune: --budget; 0: off)")
     recipe.add_argument("--warm-logit", type=float, default=3.0, help="magnitude of the warm start's gate logits")
     recipe.add_argument("--gate-lr-scale", type=float, help="gate learning rate / network learning rate (finetune: 10)")
+    recipe.add_argument("--noise-start", type=float, default=1.0, help="training noise scale before annealing "
+                        "(0: eval decisions throughout)")
     recipe.add_argument("--anneal-noise", type=float, help="fraction of the steps, at the end, over which the "
                         "training noise goes to 0 (finetune: 0.5; 0: off)")
     recipe.add_argument("--recalibrate", type=int, help="training images to re-estimate batch-norm statistics on at "
@@ -205,8 +207,9 @@ class GateSchedules:
         ramp_steps = round(args.ramp * total_steps)
         self.sparsity = gatekit.SparsitySchedule(model, steps=ramp_steps) if gated and ramp_steps else None
         anneal_steps = round(args.anneal_noise * total_steps)
-        self.noise = (gatekit.NoiseSchedule(model, steps=anneal_steps, delay=total_steps - anneal_steps)
-                      if gated and anneal_steps else None)
+        self.noise = (gatekit.NoiseSchedule(model, start=args.noise_start, steps=anneal_steps,
+                                            delay=total_steps - anneal_steps)
+                      if gated and (anneal_steps or args.noise_start != 1) else None)
 
     def step(self) -> None:
         for schedule in (self.sparsity, self.noise):

@@ -46,6 +46,10 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
                    controller + ["--warm-start", str(round(budget + 0.1, 3))]))
     result.append(("warm-soft", "controller row, warm-start logits at ±1 instead of ±3: gates that can move",
                    controller + ["--warm-logit", "1"]))
+    result.append(("no-noise", "controller row, no training noise at all: eval decisions throughout",
+                   controller + ["--noise-start", "0", "--anneal-noise", "0"]))
+    result.append(("no-noise-soft", "no-noise row, warm-start logits at ±0.5: gates that can move",
+                   controller + ["--noise-start", "0", "--anneal-noise", "0", "--warm-logit", "0.5"]))
     result.append(("static", "reference: Torch-Pruning static (L1, uniform), same finetune and distillation",
                    ["--method", "static", "--static-fraction", str(budget), "--kd", "0.7"]))
     return result

@@ -34,8 +34,10 @@ def warm_start(
         model: a model from :func:`gatekit.convert` with channel gates; changed in place.
         budget: the cost to start at, as a fraction of ``model.gatekit.dense_macs``, in (0, 1].
         scores: per-filter importance by block name (a tensor of the block's gated channel count);
-            by default the L1 norm of each filter of the block's first conv, as Torch-Pruning's
-            ``MagnitudeImportance(p=1)`` ranks one layer.
+            by default the mean over the filter's layers (first conv, per-channel layers after it,
+            consumer conv) of each one's L1 norm for that filter, as Torch-Pruning's
+            ``MagnitudeImportance(p=1)`` ranks a dependency group: a static pruner with that
+            importance keeps the same filters.
         logit: magnitude of the head biases; at 3 the training noise flips 4.7 % of the decisions.
 
     Returns:
@@ -89,12 +91,32 @@ def warm_start(
 
 
 def _filter_scores(model: nn.Module, sites) -> dict[str, Tensor]:
+    nodes = {node.name: node for node in model.graph.nodes} if hasattr(model, "graph") else {}
     scores = {}
     for site in sites:
-        weight = model.get_submodule(site.first_conv).weight
-        # Filters are the first axis of a conv's weight and of a linear layer's.
-        scores[site.name] = weight.detach().abs().flatten(1).sum(1)
+        per_layer = [_layer_norms(model.get_submodule(nodes[name].target), role, site.channels)
+                     for name, role in site.sliced_layers if name in nodes and nodes[name].op == "call_module"]
+        per_layer = [norms for norms in per_layer if norms is not None]
+        if not per_layer:  # no layer to read: the first conv's own filters
+            per_layer = [model.get_submodule(site.first_conv).weight.detach().abs().flatten(1).sum(1)]
+        scores[site.name] = torch.stack(per_layer).mean(0)
     return scores
+
+
+def _layer_norms(module: nn.Module, role: str, channels: int) -> Tensor | None:
+    """One layer's L1 norm per gated channel: output filters of the first layer, per-channel
+    weights of a norm or depthwise conv, input slices of the consumer; None where it has none."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    weight = weight.detach().abs()
+    if role == "consumer":
+        if getattr(module, "groups", 1) != 1:
+            return None
+        norms = weight.transpose(0, 1).flatten(1).sum(1)
+    else:
+        norms = weight.flatten(1).sum(1) if weight.dim() > 1 else weight
+    return norms if norms.shape == (channels,) else None
 
 
 def _checked(scores: Mapping[str, Tensor], sites) -> dict[str, Tensor]:

@@ -177,14 +177,16 @@ def test_recalibration_refuses_no_data_and_no_batch_norm_and_keeps_the_statistic
 
 # --- Warm start ------------------------------------------------------------------------------------
 
-def test_warm_start_keeps_the_largest_filters_and_lands_under_the_budget():
+def test_warm_start_keeps_the_filters_of_largest_group_norm_and_lands_under_the_budget():
     model = gated_resnet8(regularizer=gatekit.MacBudgetLoss(budget=0.5)).eval()
     fraction = gatekit.warm_start(model, 0.5)
     report = gatekit.profile(model, images(4))
     assert fraction <= 0.5 and report.mean_macs / report.dense_macs == pytest.approx(fraction)
     assert fraction > 0.45  # 1/256 steps of the keep fraction: close to the budget
     for site in model.gatekit.sites:
-        norms = model.get_submodule(site.first_conv).weight.abs().flatten(1).sum(1)
+        block = model.get_submodule(site.name)  # first conv, its batch norm, the consumer's input slices
+        norms = (block.conv1.weight.abs().flatten(1).sum(1) + block.bn1.weight.abs()
+                 + block.conv2.weight.abs().transpose(0, 1).flatten(1).sum(1)) / 3
         kept = gates_of(model)[site.name].channel_gates[0].bool()
         assert norms[kept].min() >= norms[~kept].max()
     static = gated_resnet8().eval()  # the same model with the dropped filters zeroed by hand
@@ -243,3 +245,21 @@ def test_deployed_macs_count_the_thresholded_decisions_not_the_sampled_ones():
     thresholded = gatekit.dynamic_macs(model)
     assert not torch.equal(sampled, thresholded)  # the noise changed some decisions
     assert torch.allclose(deployed, thresholded.to(deployed.dtype), rtol=1e-6)
+
+
+def test_default_warm_start_keeps_the_filters_torch_pruning_keeps():
+    torch_pruning = pytest.importorskip("torch_pruning")
+    dense = get_model("cifar/resnet8").eval()
+    with torch.no_grad():
+        for parameter in dense.parameters():
+            parameter.normal_()  # a spread of norms, as in a trained model
+    model = gatekit.convert(dense, example_input=torch.randn(1, 3, 32, 32))
+    gatekit.warm_start(model, 0.5)
+    graph = torch_pruning.DependencyGraph().build_dependency(dense, example_inputs=torch.randn(1, 3, 32, 32))
+    importance = torch_pruning.importance.MagnitudeImportance(p=1)
+    for site in model.gatekit.sites:
+        conv = dense.get_submodule(site.first_conv)
+        group = graph.get_pruning_group(conv, torch_pruning.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+        kept = gates_of(model)[site.name].channel_head.bias > 0
+        reference = importance(group).argsort(descending=True)[: int(kept.sum())]
+        assert set(reference.tolist()) == set(kept.nonzero().flatten().tolist()), site.name
