@@ -35,6 +35,7 @@ class FusedGate:
         self._sources: list[dict[str, Tensor]] = [gate.fc._parameters] + [head._parameters for head in heads]
         self._stamp: tuple[tuple[int, int], ...] = ()
         self._weights: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._zero = torch.zeros(())
 
     def logits(self, x: Tensor) -> Tensor:
         """Channel logits, then the layer logit, per sample: what ``Gate.forward`` computes in eval
@@ -49,7 +50,13 @@ class FusedGate:
     def decisions(self, x: Tensor) -> Tensor:
         """Eval-mode decisions as a bool tensor shaped like :meth:`logits`: a gate is on when its
         logit is positive (``gatekit.relaxation.threshold``)."""
-        return self.logits(x) > 0
+        logits = self.logits(x)
+        zero = self._zero
+        if zero.dtype != logits.dtype or zero.device != logits.device:
+            zero = self._zero = logits.new_zeros(())
+        # Against a zero tensor, not the number 0: a Python scalar is first made a tensor, four more
+        # operator calls (to, _to_copy, empty_strided, copy_) at every block.
+        return torch.gt(logits, zero)
 
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]
