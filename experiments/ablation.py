@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
-DENSE = "../shared/models/cifar10_resnet20_dense.pt"
+DENSE = str(Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar10_resnet20_dense.pt")
 # Every piece off: the recipe before issue 12 (budget loss with a fixed weight, cold gates, full noise).
 TODAY = ["--kd", "0", "--ramp", "0", "--warm-start", "0", "--gate-lr-scale", "1", "--anneal-noise", "0",
          "--recalibrate", "0", "--controller", "0", "--loss-weight", "20"]
@@ -68,6 +68,13 @@ def run(out: Path, budgets: list[float], common: list[str]) -> None:
 
 
 def table(out: Path, budgets: list[float], destination: Path) -> None:
+    import torch
+
+    import gatekit
+    from gatekit.macs import static_macs
+
+    # Every row as a fraction of the dense ResNet20's MACs (a pruned model's own "dense" is itself).
+    reference = static_macs(gatekit.load(DENSE), torch.zeros(1, 3, 32, 32))
     destination.mkdir(parents=True, exist_ok=True)
     lines = ["| budget | row | val acc. % | MACs % | p5 / p50 / p95 % | exec. rate | channel rate |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -81,10 +88,11 @@ def table(out: Path, budgets: list[float], destination: Path) -> None:
             record = dict(budget=budget, row=name, adds=label, arguments=arguments,
                           **{k: v for k, v in summary.items() if k.startswith("val_")})
             records.append(record)
-            spread = " / ".join(f"{100 * summary[f'val_mac_p{p}']:.1f}" for p in (5, 50, 95))
+            scale = summary["val_mean_macs"] / summary["val_mac_fraction"] / reference  # own dense -> ResNet20
+            spread = " / ".join(f"{100 * scale * summary[f'val_mac_p{p}']:.1f}" for p in (5, 50, 95))
             rates = [f"{summary[k]:.3f}" if k in summary else "–" for k in ("val_execution_rate", "val_channel_rate")]
             lines.append(f"| {budget} | {label} | {100 * summary['val_accuracy']:.2f} | "
-                         f"{100 * summary['val_mac_fraction']:.1f} | {spread} | {rates[0]} | {rates[1]} |")
+                         f"{100 * summary['val_mean_macs'] / reference:.1f} | {spread} | {rates[0]} | {rates[1]} |")
     (destination / "ablation.md").write_text("\n".join(lines) + "\n")
     (destination / "ablation.json").write_text(json.dumps(records, indent=1))
     print("\n".join(lines))

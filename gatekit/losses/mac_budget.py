@@ -65,7 +65,7 @@ def deployed_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
 
     >>> gated(images)  # doctest: +SKIP
     >>> deployed_macs(gated).mean() / gated.gatekit.dense_macs  # doctest: +SKIP
-    tensor(0.5013, dtype=torch.float64)
+    tensor(0.5013)
     """
     with torch.no_grad():
         return _cost(model, costs, _thresholded)
@@ -162,6 +162,7 @@ class MacBudgetLoss:
         controller: dual-ascent step of the multiplier per training step (0: no controller).
         pressure: fraction of the way from no saving (budget 1) to ``budget``; a
             :class:`gatekit.SparsitySchedule` ramps it from 0 to 1.
+        multiplier: the controller's state; store it with a training checkpoint to resume.
 
     >>> gated = gatekit.convert(resnet, regularizer=MacBudgetLoss(budget=0.5))  # doctest: +SKIP
     """
