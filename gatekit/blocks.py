@@ -17,7 +17,7 @@ from torch import nn
 from .channel_path import gated_path, is_conv, layer_width
 from .channel_path import register_channelwise_module  # noqa: F401  (adapters import it from here)
 from .macs import node_macs
-from .skipped_sites import INTERNAL, SkippedSite, live_nodes, why_not_gated
+from .skipped_sites import INTERNAL, SHARED_LAYER, SkippedSite, live_nodes, one_gate_per_layer, why_not_gated
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -183,8 +183,17 @@ def discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[Skipped
             outcomes.append((add, SkippedSite("", add.name, add.name, INTERNAL, reason)))
     names = _block_names([add for add, _ in outcomes])
     sites = [GateSite(name=name, **o) for name, (_, o) in zip(names, outcomes) if isinstance(o, dict)]
-    skipped = [replace(o, name=name) for name, (_, o) in zip(names, outcomes) if isinstance(o, SkippedSite)]
-    return sites, skipped
+    losers, by_name = one_gate_per_layer(sites), {site.name: site for site in sites}
+    found: list[GateSite | SkippedSite] = []
+    for name, (add, outcome) in zip(names, outcomes):
+        if isinstance(outcome, SkippedSite):
+            found.append(replace(outcome, name=name))
+        elif name in losers:
+            node, reason = losers[name]
+            found.append(SkippedSite(name, add.name, node, SHARED_LAYER, reason))
+        else:
+            found.append(by_name[name])
+    return [s for s in found if isinstance(s, GateSite)], [s for s in found if isinstance(s, SkippedSite)]
 
 
 def _site_fields(graph_module: fx.GraphModule, ancestry: _Ancestry, macs: dict[fx.Node, int], candidate: _Candidate) -> dict:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .errors import NoResidualBlockError, SkippedBlocksWarning, UngatableBlockError
 
 if TYPE_CHECKING:
-    from .blocks import _Ancestry, _Candidate
+    from .blocks import GateSite, _Ancestry, _Candidate
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ TUPLE_INPUT = "no tensor input"
 SHARED_VALUE = "branch and shortcut share a value"
 FUSION = "fusion of parallel paths"
 USED_OUTSIDE = "branch value used outside the branch"
+SHARED_LAYER = "gated layer shared with another block"
 INTERNAL = "gatekit failed analysing it"
-KINDS = (TUPLE_INPUT, SHARED_VALUE, FUSION, USED_OUTSIDE, INTERNAL)
+KINDS = (TUPLE_INPUT, SHARED_VALUE, FUSION, USED_OUTSIDE, SHARED_LAYER, INTERNAL)
 
 
 def why_not_gated(
@@ -71,6 +72,32 @@ def why_not_gated(
                     f"so closing the gate would not skip the branch"
                 )
     return None
+
+
+def one_gate_per_layer(sites: Sequence[GateSite]) -> dict[str, tuple[str, str]]:
+    """The sites to leave ungated because another site gates the same layers: name -> (node, reason).
+
+    Nested adds do this: a re-parameterisable block (MobileOne, FastViT, GhostNetV3) sums parallel
+    branches, ``scale(x) + conv0(x) + conv1(x) + ...``, so each partial sum is a residual add whose
+    branch holds the ones before it, and all of them pick the same first conv. Two channel gates
+    cannot both slice one layer: sparse execution would slice it twice. The site with the larger
+    branch keeps its gate (its layer gate skips more, and its branch holds the other's layer).
+    """
+    order = {site.name: index for index, site in enumerate(sites)}
+    claimed: dict[str, str] = {}
+    losers: dict[str, tuple[str, str]] = {}
+    for site in sorted(sites, key=lambda s: (-s.branch_macs, -order[s.name])):  # ties: the later add, outside
+        layers = {node for node, _ in site.sliced_layers} | {site.channel_gate_node}
+        shared = sorted(node for node in layers if node in claimed)
+        if shared:
+            owner = claimed[shared[0]]
+            losers[site.name] = (shared[0], (
+                f"its gated layer '{site.first_conv}' is also gated by block '{owner}', whose branch holds "
+                f"it too: one layer takes one channel gate"
+            ))
+        else:
+            claimed.update(dict.fromkeys(layers, site.name))
+    return losers
 
 
 def live_nodes(graph: fx.Graph) -> set[fx.Node]:

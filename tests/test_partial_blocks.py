@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gatekit
 import gatekit.blocks
-from gatekit.skipped_sites import FUSION, INTERNAL, USED_OUTSIDE
+from gatekit.skipped_sites import FUSION, INTERNAL, SHARED_LAYER, USED_OUTSIDE
 from test_fuzz import force_gates
 
 
@@ -227,3 +227,44 @@ def test_a_failure_inserting_a_gate_is_a_gatekit_error_naming_block_and_node(mon
     monkeypatch.setattr(convert_module, "_insert_gate", broken)
     with pytest.raises(gatekit.InternalError, match=r"(?s)block 'high_block', node 'add'.*exclude=\['high_block'\]"):
         convert_quietly(build(FusionStage))
+
+
+class ReparameterizableBlock(nn.Module):
+    """MobileOne's, FastViT's and GhostNetV3's training-time block: parallel branches summed,
+    ``scale(x) + conv0(x) + conv1(x) + conv2(x)``, inside a residual block. Each partial sum from the
+    second on is a residual add whose branch holds the earlier ones, and all pick the scale conv as
+    their gated layer; sparse execution sliced it once per gate and crashed (IndexError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(2, 6)
+        self.scale = conv_bn(6, 6, kernel=1)
+        self.convs = nn.ModuleList(conv_bn(6, 6) for _ in range(3))
+        self.project = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.scale(x)
+        for conv in self.convs:
+            out = out + conv(x)
+        x = x + self.project(F.relu(out))
+        return self.head(x.mean((2, 3)))
+
+
+def test_nested_adds_that_pick_the_same_layer_gate_it_once_and_keep_every_guarantee():
+    model = build(ReparameterizableBlock)
+    gated, caught = convert_quietly(model)
+    # `add` (scale + conv0) has one conv on each side: no block. add_1 and add_2 (the partial sums
+    # after conv1, conv2) and add_3 (x + project(...)) all fall back to the branch's first conv, the
+    # scale conv: add_3 holds the others, so it keeps the gate.
+    assert [(site.name, site.first_conv) for site in gated.gatekit.sites] == [("add_3", "scale.0")]
+    assert [(site.name, site.kind, site.node) for site in gated.gatekit.skipped] == [
+        ("add_1", SHARED_LAYER, "scale_0"), ("add_2", SHARED_LAYER, "scale_0"),
+    ]
+    assert all("block 'add_3'" in site.reason for site in gated.gatekit.skipped)
+    (warning,) = caught
+    assert "add_1, add_2" in str(warning.message) and SHARED_LAYER in str(warning.message)
+    layers = [node for site in gated.gatekit.sites for node, _ in site.sliced_layers]
+    assert len(layers) == len(set(layers))  # no layer sliced by two gates
+    check_guarantees(model, gated)
