@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._fused_gate import FusedGate
+from ._internal import internal_errors
 from ._sliced import ChannelSet, memory_format_of, sliced
 from .blocks import GateSite
 from .errors import GatekitError
@@ -64,11 +65,12 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
     nodes = {node.name: node for node in graph.nodes}
     sparse_blocks = nn.ModuleDict()
     for site in info.sites:
-        key = gate_key(site.name)
-        gate = model.gatekit_gates[key]
-        branch = _branch_graph(model, graph, nodes, site, gate, cache_size, sparse_blocks)
-        sparse_blocks[key] = SparseBlock(gate, branch, strategy)
-        _route_through(graph, nodes, site, key)
+        with internal_errors("building the sparse block", site.add_node, block=site.name):
+            key = gate_key(site.name)
+            gate = model.gatekit_gates[key]
+            branch = _branch_graph(model, graph, nodes, site, gate, cache_size, sparse_blocks)
+            sparse_blocks[key] = SparseBlock(gate, branch, strategy)
+            _route_through(graph, nodes, site, key)
     root = nn.Module()  # the gated model's modules and tensors, shared, plus the sparse blocks
     root._modules.update(model._modules)
     root._parameters.update(model._parameters)
