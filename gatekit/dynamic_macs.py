@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._internal import internal_errors
 from ._nesting import enclosing_blocks, own_branch_macs
 from .errors import GatekitError
 from .gate import Gate
@@ -37,24 +38,35 @@ def dynamic_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
     for name, gate in gates.items():
         check_forward(name, gate, empty_ok=True)
     _check_logits(gates)
-    decisions = [executed_layers(gate).detach().round().long() for gate in gates.values()]
-    enclosing = enclosing_blocks(info.sites)
-    own_macs = own_branch_macs(costs.branch_macs, enclosing)
+    blocks = list(zip(info.sites, gates.values()))
+    decisions = []
+    for site, gate in blocks:
+        with internal_errors("counting dynamic MACs", site.add_node, block=site.name):
+            decisions.append(executed_layers(gate).detach().round().long())
+    with internal_errors("counting dynamic MACs", "the blocks nested in other blocks' branches"):
+        enclosing = enclosing_blocks(info.sites)
+        own_macs = own_branch_macs(costs.branch_macs, enclosing)
     total: Tensor | int = costs.dense_macs - sum(own_macs)
-    for index, gate in enumerate(gates.values()):
-        runs, channel_macs = decisions[index], costs.channel_macs[index]
-        if gate.channel_gates is not None:
-            active = gate.channel_gates.detach().round().long().sum(1)
-            # channel_macs is a sum of terms each proportional to the gated channel count: exact division.
-            branch = own_macs[index] - channel_macs + (channel_macs // gate.channels) * active
-        else:
-            branch = torch.full_like(runs, own_macs[index])
-        # A block nested in another's branch, gate included, runs only where the enclosing ones run.
-        reached = 1
-        for outer in enclosing[index]:
-            reached = reached * decisions[outer]
-        total = total + reached * (gate.macs + runs * branch)
+    for index, (site, gate) in enumerate(blocks):
+        with internal_errors("counting dynamic MACs", site.add_node, block=site.name):
+            total = total + _block_macs(gate, decisions, enclosing[index], own_macs[index], costs.channel_macs[index], index)
     return total
+
+
+def _block_macs(gate: Gate, decisions: list[Tensor], enclosing: list[int], own_macs: int, channel_macs: int, index: int) -> Tensor:
+    """What one block cost each sample: its gate where reached, its branch where it ran."""
+    runs = decisions[index]
+    if gate.channel_gates is not None:
+        active = gate.channel_gates.detach().round().long().sum(1)
+        # channel_macs is a sum of terms each proportional to the gated channel count: exact division.
+        branch = own_macs - channel_macs + (channel_macs // gate.channels) * active
+    else:
+        branch = torch.full_like(runs, own_macs)
+    # A block nested in another's branch, gate included, runs only where the enclosing ones run.
+    reached = 1
+    for outer in enclosing:
+        reached = reached * decisions[outer]
+    return reached * (gate.macs + runs * branch)
 
 
 def _check_logits(gates: dict[str, Gate]) -> None:

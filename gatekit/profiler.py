@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from .dynamic_macs import dynamic_macs
 from ._devices import usable_device
+from ._internal import internal_errors
 from .errors import GatekitError
+from .gate import Gate
 from .gated_model import GatekitInfo, gates_of
 from .losses._executed import executed_channels, executed_layers
 from .macs import BlockCosts, measure_costs, static_macs
@@ -229,24 +231,31 @@ class _Tally:
     def _measure(self, sample: Tensor) -> None:
         _forward(self.model, sample)  # a wrong input shape is reported as such, before measuring
         self.input_shape = tuple(sample.shape)
+        where = f"its layers, at input shape {tuple(sample.shape[1:])}"
         if self.gated:
-            self.costs = measure_costs(self.model, self.model.gatekit.sites, sample)
+            with internal_errors("measuring the blocks' MACs", where):
+                self.costs = measure_costs(self.model, self.model.gatekit.sites, sample)
             self.dense_macs = self.costs.dense_macs
         else:
-            self.dense_macs = static_macs(self.model, sample)
+            with internal_errors("counting the dense model's MACs", where):
+                self.dense_macs = static_macs(self.model, sample)
 
     def _add_blocks(self) -> None:
-        for index, (name, gate) in enumerate(gates_of(self.model).items()):
-            runs = executed_layers(gate)
-            channels = executed_channels(gate)
-            channel_sum = (channels.mean(1) if channels is not None else runs).sum().item()
-            branch, scaled = self.costs.branch_macs[index], self.costs.channel_macs[index]
-            fraction = channels.mean(1) if channels is not None else runs
-            macs = gate.macs * runs.numel() + (runs * (branch - scaled) + fraction * scaled).sum().item()
-            sums = self.block_sums.setdefault(name, [0.0, 0.0, 0.0])
-            sums[0] += runs.sum().item()
-            sums[1] += channel_sum
-            sums[2] += macs
+        for index, (site, (name, gate)) in enumerate(zip(self.model.gatekit.sites, gates_of(self.model).items())):
+            with internal_errors("adding up the blocks' rates", site.add_node, block=site.name):
+                self._add_block(index, name, gate)
+
+    def _add_block(self, index: int, name: str, gate: Gate) -> None:
+        runs = executed_layers(gate)
+        channels = executed_channels(gate)
+        channel_sum = (channels.mean(1) if channels is not None else runs).sum().item()
+        branch, scaled = self.costs.branch_macs[index], self.costs.channel_macs[index]
+        fraction = channels.mean(1) if channels is not None else runs
+        macs = gate.macs * runs.numel() + (runs * (branch - scaled) + fraction * scaled).sum().item()
+        sums = self.block_sums.setdefault(name, [0.0, 0.0, 0.0])
+        sums[0] += runs.sum().item()
+        sums[1] += channel_sum
+        sums[2] += macs
 
     def result(self) -> Profile:
         if not self.per_sample:
