@@ -26,9 +26,10 @@ import gatekit
 FAMILY = re.compile(r"^(?:tf_|legacy_|gluon_)?([a-z]+?(?:v\d+)?)(?=\d|_|$)")
 SIZE_WORDS = ("atto", "femto", "pico", "nano", "tiny", "mini", "small", "xs", "s")
 TOLERANCE = 1e-4
-# The CI sample: the issue's three patterns (partial residual, multi-branch fusion, split inputs)
-# and two plain residual CNNs; each runs in seconds at 32 x 32.
-CI_SAMPLE = ("rexnet", "hrnet", "res", "dla", "cspresnet")  # "res": Res2Net
+# The CI sample: the issue's three patterns (partial residual, multi-branch fusion, split inputs),
+# nested adds picking one gated layer (LCNetV2's re-parameterisable branches) and two plain
+# residual CNNs; each runs in seconds at 32 x 32.
+CI_SAMPLE = ("rexnet", "hrnet", "res", "lcnetv2", "dla", "cspresnet")  # "res": Res2Net
 
 
 @dataclass

@@ -5,7 +5,9 @@ The ResNets also run through test_zoo.py and test_sparse.py, so here they only r
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -167,3 +169,43 @@ def test_timm_family_sample_converts_and_passes_every_check(family):
     if family == "hrnet":  # fusion adds are named and skipped; the blocks of each resolution are gated
         assert result.skip_reasons.keys() <= {"fusion of parallel paths", "branch value used outside the branch"}
         assert result.skipped > 0
+    if family == "lcnetv2":  # nested partial sums of one block's parallel branches: the outer one keeps the gate
+        assert result.skip_reasons.get("gated layer shared with another block", 0) > 0
+
+
+def test_timm_families_resume_keeps_the_recorded_rows_and_runs_only_the_others(tmp_path, monkeypatch):
+    """A stopped --timm-families run resumes (--resume) and reruns named families (--families)."""
+    FamilyResult = coverage._timm_families.FamilyResult
+    monkeypatch.setattr(coverage._timm_families, "representatives", lambda names: {"a": "a1", "b": "b1", "c": "c1"})
+    ran = []
+
+    def check(family, model, *, size, seconds):
+        ran.append(family)
+        return FamilyResult(family, model, outcome="ok", gated=1, seconds=1.0)
+
+    monkeypatch.setattr(coverage, "check_timm_family", check)
+    output, page = tmp_path / "families.json", tmp_path / "coverage.md"
+    first = dict(command="python benchmarks/coverage.py --timm-families", machine={},
+                 results=[dataclasses.asdict(FamilyResult("a", "a1", outcome="crash", seconds=2.0))])
+    output.write_text(json.dumps(first))
+    threads = torch.get_num_threads()
+
+    def run(*options):
+        monkeypatch.setattr(sys, "argv", ["coverage.py", "--timm-families", "--resume", "--output", str(output),
+                                          "--markdown", str(page), *options])
+        try:
+            coverage.main()
+        finally:
+            torch.set_num_threads(threads)
+
+    with pytest.raises(SystemExit):  # family a still crashes
+        run()
+    assert ran == ["b", "c"]
+    record = json.loads(output.read_text())
+    assert [r["family"] for r in record["results"]] == ["a", "b", "c"] and record["parts"] == 2
+    text = page.read_text()
+    assert "`python benchmarks/coverage.py --timm-families` (in 2 runs" in text  # the first run's command
+    assert "Partial run" not in text and "still fail:** a." in text and "in\n4 s" in text  # 2 s recorded + 1 s + 1 s
+    run("--families", "a")
+    assert ran == ["b", "c", "a"]
+    assert "still fail:** none." in page.read_text() and json.loads(output.read_text())["parts"] == 3
