@@ -92,8 +92,8 @@ def one_gate_per_layer(sites: Sequence[GateSite]) -> dict[str, tuple[str, str]]:
         if shared:
             owner = claimed[shared[0]]
             losers[site.name] = (shared[0], (
-                f"its gated layer '{site.first_conv}' is also gated by block '{owner}', whose branch holds "
-                f"it too: one layer takes one channel gate"
+                f"block '{owner}', whose branch holds this one's gated layer '{site.first_conv}', already "
+                f"slices '{shared[0]}' for its own channel gate: a layer takes one channel gate"
             ))
         else:
             claimed.update(dict.fromkeys(layers, site.name))
