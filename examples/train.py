@@ -9,10 +9,12 @@ parameters, random crop and horizontal flip on CIFAR-10:
   (default 10) at ``--lr`` 0.05, with the bare sparsity loss.
 - ``finetune`` (default with ``--init``): docs/howto/finetune.md's recipe for a trained model, 3
   epochs at batch 128, cosine learning rate from 0.02; for gated methods, distillation from the
-  ``--init`` model (``--kd``), the sparsity pressure ramped in (``--ramp``), channel gates started from
-  a magnitude pruner's solution at the budget (``--warm-start``), gate learning rate x10, training
-  noise annealed to 0 over the second half (``--anneal-noise``) and batch-norm statistics
-  recalibrated at the end (``--recalibrate``). The static method gets the same distillation.
+  ``--init`` model (``--kd``), channel gates started from a magnitude pruner's solution at the
+  budget (``--warm-start``) and trained without noise, on the eval decisions (``--noise-start 0``),
+  gate learning rate x10, and batch-norm statistics recalibrated at the end (``--recalibrate``).
+  Without a warm start (ConvNet-AIG, paper loss), the sparsity pressure is ramped in (``--ramp``)
+  and the training noise annealed to 0 over the second half (``--anneal-noise``). The static
+  method gets the same distillation.
 
 Methods (``--method``): ``dense``; ``dlcg`` (channel + layer gates), ``channel`` and ``layer`` with the
 paper's target-free loss (``--layer`` = lambda, ``--channel`` = gamma), ConvNet-AIG's target-rate loss
@@ -92,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(finetune: --budget; 0: off)")
     recipe.add_argument("--warm-logit", type=float, default=3.0, help="magnitude of the warm start's gate logits")
     recipe.add_argument("--gate-lr-scale", type=float, help="gate learning rate / network learning rate (finetune: 10)")
-    recipe.add_argument("--noise-start", type=float, default=1.0, help="training noise scale before annealing "
-                        "(0: eval decisions throughout)")
+    recipe.add_argument("--noise-start", type=float, help="training noise scale before annealing (0: eval decisions "
+                        "throughout; finetune: 0 with a warm start, else 1)")
     recipe.add_argument("--anneal-noise", type=float, help="fraction of the steps, at the end, over which the "
                         "training noise goes to 0 (finetune: 0.5; 0: off)")
     recipe.add_argument("--recalibrate", type=int, help="training images to re-estimate batch-norm statistics on at "
@@ -127,8 +129,11 @@ def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--recipe finetune starts from a trained model: give --init.")
     warm = args.budget if finetune and gated and args.method != "layer" and args.budget is not None else 0.0
     args.warm_start = warm if args.warm_start is None else args.warm_start
+    # A warm start needs no exploration: training then makes the eval decisions from the first step.
+    # A cold start explores under noise and anneals it away over the second half.
     defaults = dict(kd=0.7 if finetune and args.method != "dense" else 0.0, ramp=0.4 if finetune and not args.warm_start else 0.0,
-                    gate_lr_scale=10.0 if finetune else 1.0, anneal_noise=0.5 if finetune else 0.0,
+                    gate_lr_scale=10.0 if finetune else 1.0, noise_start=0.0 if finetune and args.warm_start else 1.0,
+                    anneal_noise=0.5 if finetune and not args.warm_start else 0.0,
                     recalibrate=4096 if finetune and gated else 0)
     for name, value in defaults.items():
         if getattr(args, name) is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 DENSE = str(Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar10_resnet20_dense.pt")
 # Every piece off: the recipe before issue 12 (budget loss with a fixed weight, cold gates, full noise).
-TODAY = ["--kd", "0", "--ramp", "0", "--warm-start", "0", "--gate-lr-scale", "1", "--anneal-noise", "0",
+TODAY = ["--kd", "0", "--ramp", "0", "--warm-start", "0", "--gate-lr-scale", "1", "--noise-start", "1", "--anneal-noise", "0",
          "--recalibrate", "0", "--controller", "0", "--loss-weight", "20"]
 
 
@@ -31,8 +31,8 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
         ("kd", "+ distillation from the dense model (T = 4, weight 0.7)", ["--kd", "0.7"]),
         ("warm", "+ warm start from the magnitude pruner's filters (ramp dropped: it starts at the budget)",
          ["--warm-start", str(budget), "--ramp", "0"]),
-        ("anneal", "+ training noise annealed to 0 over the second half, gate lr x10",
-         ["--anneal-noise", "0.5", "--gate-lr-scale", "10"]),
+        ("deterministic", "+ no training noise: eval decisions throughout, gate lr x10",
+         ["--noise-start", "0", "--gate-lr-scale", "10"]),
         ("recal", "+ batch-norm recalibration (4096 images)", ["--recalibrate", "4096"]),
         ("controller", "+ budget controller (dual ascent on deployed cost, step 0.5)", ["--controller", "0.5"]),
         ("shaping", "+ batch-shaping loss (weight 0.75)", ["--batch-shaping", "0.75"]),
@@ -41,23 +41,24 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
     for name, label, extra in steps:
         arguments = arguments + extra
         result.append((name, label, arguments))
-    controller = next(args for name, _, args in result if name == "controller")
+    by_name = {name: args for name, _, args in result}
+    result.insert(4, ("anneal", "alternative to the next row: noise annealed to 0 over the second half, gate lr x10",
+                      by_name["warm"] + ["--anneal-noise", "0.5", "--gate-lr-scale", "10"]))
+    controller = by_name["controller"]
     result.append(("warm-above", "controller row, warm start 10 points above the budget: layer gates spend the rest",
                    controller + ["--warm-start", str(round(budget + 0.1, 3))]))
-    result.append(("warm-soft", "controller row, warm-start logits at ±1 instead of ±3: gates that can move",
-                   controller + ["--warm-logit", "1"]))
-    result.append(("no-noise", "controller row, no training noise at all: eval decisions throughout",
-                   controller + ["--noise-start", "0", "--anneal-noise", "0"]))
-    result.append(("no-noise-soft", "no-noise row, warm-start logits at ±0.5: gates that can move",
-                   controller + ["--noise-start", "0", "--anneal-noise", "0", "--warm-logit", "0.5"]))
+    result.append(("soft", "controller row, warm-start logits at ±0.5 instead of ±3: gates that can move",
+                   controller + ["--warm-logit", "0.5"]))
     result.append(("static", "reference: Torch-Pruning static (L1, uniform), same finetune and distillation",
                    ["--method", "static", "--static-fraction", str(budget), "--kd", "0.7"]))
     return result
 
 
-def run(out: Path, budgets: list[float], common: list[str]) -> None:
+def run(out: Path, budgets: list[float], common: list[str], only: list[str] | None = None) -> None:
     for budget in budgets:
         for name, _, arguments in rows(budget):
+            if only and name not in only:
+                continue
             folder = out / f"b{budget}-{name}"
             if (folder / "summary.json").exists():
                 continue
@@ -103,13 +104,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.65])
     parser.add_argument("--table", type=Path, help="write the table here instead of running")
+    parser.add_argument("--rows", nargs="*", help="row names to run (default: all)")
     parser.add_argument("train_arguments", nargs=argparse.REMAINDER, help="after --: passed to every train.py run")
     args = parser.parse_args()
     if args.table:
         table(args.out, args.budgets, args.table)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    run(args.out, args.budgets, [a for a in args.train_arguments if a != "--"])
+    run(args.out, args.budgets, [a for a in args.train_arguments if a != "--"], args.rows)
 
 
 if __name__ == "__main__":
