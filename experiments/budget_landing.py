@@ -2,8 +2,8 @@
 
 A dense ``mnist/resnet8`` is trained for 300 steps on Fashion-MNIST, converted with
 ``MacBudgetLoss(budget=b)`` at its defaults, and finetuned for 400 steps of 64 images (SGD, cosine
-from 0.05). ``--recipe`` adds docs/howto/finetune.md's pieces (warm start at b, noise annealed over
-the second half, gate lr x10, distillation, BN recalibration). The cost is what ``gatekit.profile``
+from 0.05). ``--recipe`` adds docs/howto/finetune.md's pieces (warm start at b, no training noise, gate lr x10,
+distillation, BN recalibration). The cost is what ``gatekit.profile``
 counts in eval mode on 2,000 ``val`` images. Prints and writes JSON::
 
     python experiments/budget_landing.py --out results/budget-landing.json
@@ -27,7 +27,7 @@ from gatekit.datasets import load_dataset
 MODEL, BATCH = "mnist/resnet8", 64
 
 
-def train(model, steps: int, images, labels, lr: float, *, gated: bool, teacher=None, noise=None, gate_lr=None) -> None:
+def train(model, steps: int, images, labels, lr: float, *, gated: bool, teacher=None, gate_lr=None) -> None:
     groups = gatekit.param_groups(model, gate_lr=gate_lr) if gated else model.parameters()
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -46,8 +46,6 @@ def train(model, steps: int, images, labels, lr: float, *, gated: bool, teacher=
         loss.backward()
         optimizer.step()
         schedule.step()
-        if noise is not None:
-            noise.step()
 
 
 def finetune(dense, budget: float, recipe: bool, images, labels, steps: int, **loss_options):
@@ -56,9 +54,9 @@ def finetune(dense, budget: float, recipe: bool, images, labels, steps: int, **l
         train(gated, steps, images, labels, 0.05, gated=True)
         return gated
     gatekit.warm_start(gated, budget)
-    noise = gatekit.NoiseSchedule(gated, steps=steps // 2, delay=steps - steps // 2)
+    gatekit.set_noise(gated, 0.0)
     teacher = gatekit.DistillationLoss(dense.eval(), weight=0.7)
-    train(gated, steps, images, labels, 0.05, gated=True, teacher=teacher, noise=noise, gate_lr=0.5)
+    train(gated, steps, images, labels, 0.05, gated=True, teacher=teacher, gate_lr=0.5)
     gatekit.recalibrate_batchnorm(gated, images[:4096])
     return gated
 

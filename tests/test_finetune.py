@@ -113,11 +113,11 @@ def trained_dense():
 def finetune_to_budget(dense, images, labels, budget: float, *, recipe: bool, steps: int = 200):
     """The plain loop with MacBudgetLoss defaults, or docs/howto/finetune.md's recipe."""
     gated = gatekit.convert(dense, example_input=example_input(MODEL), regularizer=gatekit.MacBudgetLoss(budget=budget))
-    distill, noise = None, None
+    distill = None
     if recipe:
         gatekit.warm_start(gated, budget)
+        gatekit.set_noise(gated, 0.0)
         distill = gatekit.DistillationLoss(dense, weight=0.7)
-        noise = gatekit.NoiseSchedule(gated, steps=steps // 2, delay=steps - steps // 2)
     optimizer = torch.optim.SGD(gatekit.param_groups(gated, gate_lr=0.5 if recipe else None), lr=0.05,
                                 momentum=0.9, nesterov=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -134,8 +134,6 @@ def finetune_to_budget(dense, images, labels, budget: float, *, recipe: bool, st
         loss.backward()
         optimizer.step()
         schedule.step()
-        if noise is not None:
-            noise.step()
     if recipe:
         gatekit.recalibrate_batchnorm(gated, images[:2048])
     return gated.eval()
