@@ -2,9 +2,9 @@
 
 A dense ``mnist/resnet8`` is trained for 300 steps on Fashion-MNIST, converted with
 ``MacBudgetLoss(budget=b)`` at its defaults, and finetuned for 400 steps of 64 images (SGD, cosine
-from 0.05). ``--recipe`` adds docs/howto/finetune.md's pieces (warm start at b, no training noise, gate lr x10,
-distillation, BN recalibration). The cost is what ``gatekit.profile``
-counts in eval mode on 2,000 ``val`` images. Prints and writes JSON::
+from 0.05). ``--recipe`` adds docs/howto/finetune.md's pieces (warm start at b, no training
+noise, gate lr x10, distillation, BN recalibration). The cost is what ``gatekit.profile`` counts
+in eval mode on 2,000 ``val`` images. Prints and writes JSON::
 
     python experiments/budget_landing.py --out results/budget-landing.json
 """
