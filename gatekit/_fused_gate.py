@@ -8,6 +8,7 @@ model in eval mode.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,16 +37,30 @@ class FusedGate:
         self._stamp: tuple[tuple[int, int], ...] = ()
         self._weights: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._zero = torch.zeros(())
+        self._divisor, self._positions = torch.ones(()), 1
 
     def logits(self, x: Tensor) -> Tensor:
         """Channel logits, then the layer logit, per sample: what ``Gate.forward`` computes in eval
         mode before thresholding."""
-        # mean over dimensions 2.. as Gate's flatten(2).mean(2), without the flatten call.
-        pooled = x.mean(_SPATIAL[x.dim()]) if x.dim() in _SPATIAL else x.flatten(2).mean(2)
+        pooled = self._pool(x)
         fc_bias, fc_weight_t, heads_bias, heads_weight_t = self._prepared()
         # addmm, not addmv (2 µs faster still at batch 1): FlopCounterMode has no formula for addmv,
         # and the tests count the sparse model's MACs with it.
         return torch.addmm(heads_bias, torch.addmm(fc_bias, pooled, fc_weight_t).relu_(), heads_weight_t)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """Gate's ``x.flatten(2).mean(2)``, bit for bit. In float32 as a sum divided by a cached
+        tensor: ATen's mean is that same sum and division, but it divides by a Python number, which
+        it first makes a tensor (nine operator calls instead of four). Half precision sums in float
+        inside mean, so it keeps mean."""
+        if x.dtype != torch.float32 or x.dim() not in _SPATIAL:
+            return x.flatten(2).mean(2)
+        positions = math.prod(x.shape[2:])
+        divisor = self._divisor
+        if self._positions != positions or divisor.device != x.device:
+            divisor = self._divisor = torch.tensor(float(positions), device=x.device)
+            self._positions = positions
+        return x.sum(_SPATIAL[x.dim()]).div_(divisor)
 
     def decisions(self, x: Tensor) -> Tensor:
         """Eval-mode decisions as a bool tensor shaped like :meth:`logits`: a gate is on when its

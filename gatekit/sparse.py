@@ -143,15 +143,15 @@ class SparseBlock(nn.Module):
     def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
         if x.shape[0] == 0:
             return self._skipped(shortcut, x)
-        # The only host round trip of the block: shapes depend on the decisions. On a CPU it is a view.
+        # The only host round trip of the block: shapes depend on the decisions.
         bits = self.fused.decisions(x)
-        decisions = bits.numpy() if bits.is_cpu else bits.cpu().numpy()
-        if x.shape[0] == 1:  # the common deployment case, in as few Python operations as possible
-            row = decisions[0]
+        if x.shape[0] == 1:  # the common deployment case, in as few operator calls as possible
+            row = bits.tolist()[0]  # two operator calls; a NumPy view costs four
             if self.layer_gated and not row[-1]:
                 return self._skipped(shortcut, x)
-            output = self.branch.forward(x, self._set_of(row[: self.channels], x), None) if self.channels else self.branch.forward(x)
+            output = self.branch.forward(x, self._set_of(bytes(row[: self.channels]), x), None) if self.channels else self.branch.forward(x)
             return output if shortcut is None else output + shortcut
+        decisions = bits.numpy() if bits.is_cpu else bits.cpu().numpy()  # a view on a CPU
         return self._run_batch(x, shortcut, decisions)
 
     def _run_batch(self, x: Tensor, shortcut: Tensor | None, decisions: np.ndarray) -> Tensor:
@@ -174,13 +174,13 @@ class SparseBlock(nn.Module):
         # A copy: the caller may edit the block's output in place (a ReLU(inplace=True) after the add).
         return x.new_zeros(()) if shortcut is None else shortcut.clone()
 
-    def _set_of(self, row: np.ndarray, like: Tensor) -> ChannelSet:
-        """The channel set of one decision row, from a table keyed by its bytes."""
-        key = row.tobytes()
+    def _set_of(self, key: bytes, like: Tensor) -> ChannelSet:
+        """The channel set of a decision row, given as its bytes (one byte per channel, 1 = on)."""
         found = self._sets.get(key)
         if found is None or (found.index is not None and found.index.device != like.device):
             if len(self._sets) >= _MAX_SETS:
                 self._sets.clear()
+            row = np.frombuffer(key, dtype=bool)
             index = None if row.all() else torch.from_numpy(np.flatnonzero(row)).to(like.device)
             found = self._sets[key] = ChannelSet(index, int(row.sum()), key)
         return found
@@ -191,11 +191,11 @@ class SparseBlock(nn.Module):
         # Per sample, but the samples that keep the same channels share one pass.
         channel_sets, set_of_sample = np.unique(channel_decisions, axis=0, return_inverse=True)
         if channel_sets.shape[0] == 1:
-            return self.branch(inputs, self._set_of(channel_sets[0], inputs), None)
+            return self.branch(inputs, self._set_of(channel_sets[0].tobytes(), inputs), None)
         output = None
         for index in range(channel_sets.shape[0]):
             samples = torch.from_numpy(np.flatnonzero(set_of_sample.reshape(-1) == index)).to(inputs.device)
-            piece = self.branch(inputs[samples], self._set_of(channel_sets[index], inputs), None)
+            piece = self.branch(inputs[samples], self._set_of(channel_sets[index].tobytes(), inputs), None)
             if output is None:
                 output = _new_batch(piece, inputs.shape[0])
             output.index_copy_(0, samples, piece)
@@ -204,7 +204,7 @@ class SparseBlock(nn.Module):
     def _run_union(self, inputs: Tensor, channel_decisions: np.ndarray) -> Tensor:
         """One pass over the channels any sample keeps, each sample's own channels masked inside it."""
         union = channel_decisions.any(0)
-        chosen = self._set_of(union, inputs)
+        chosen = self._set_of(union.tobytes(), inputs)
         kept = channel_decisions[:, union]
         # No channel active: the sliced layers give zero-channel tensors, and the consumer its bias.
         if chosen.count == 0 or kept.all():  # samples sharing one set: every active channel is kept
