@@ -362,12 +362,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 1 and 8, one or two repeats")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 32; --quick: 1 8)")
     parser.add_argument("--channels-last", action="store_true", help="run every model and input channels-last")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (models are prepared on CPU, then moved)")
     parser.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/sparse_speed_<date>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches, repeats, min_seconds = ((1, 8), {1: 2, 8: 1}, 0.0) if args.quick else ((1, 32), {1: 21, 32: 3}, 0.05)
+    if args.batches:  # one repeat count per batch size: many at batch 1, few for the slow large batches
+        batches = tuple(args.batches)
+        repeats = {batch: repeats.get(batch, repeats[max(repeats)] if batch > 1 else repeats[1]) for batch in batches}
     load_at_start = os.getloadavg()
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
