@@ -36,8 +36,13 @@ from gatekit.adapters import get_model
 from gatekit.datasets import load_dataset
 
 RUNS = Path(__file__).parent.parent / "results" / "cifar10" / "runs"
-CHECKPOINTS = ("dlcgraw-l0.015-c0.015", "dlcgraw-l0.006-c0.006", "dlcg-l0.006-c0.006", "channel-c0.015", "aig-t0.4", "budget-b0.4")
-CLOSED = {"4 of 9": ("layer1.1", "layer2.1", "layer2.2", "layer3.1"), "5 of 9": ("layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1")}
+CHECKPOINTS = (
+    "dlcgraw-l0.015-c0.015", "dlcgraw-l0.006-c0.006", "dlcg-l0.006-c0.006", "channel-c0.015", "aig-t0.4", "budget-b0.4",
+)
+CLOSED = {
+    "4 of 9": ("layer1.1", "layer2.1", "layer2.2", "layer3.1"),
+    "5 of 9": ("layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1"),
+}
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -82,7 +87,10 @@ def part_one(repeats: int) -> dict:
     rows = []
     for name, samples in times.items():
         speedup = paired_ratio(times["dense"], samples)
-        row = dict(variant=name, ms=1e3 * statistics.median(samples), over_dense=paired_ratio(samples, times["dense"]), speedup=speedup)
+        row = dict(
+            variant=name, ms=1e3 * statistics.median(samples), over_dense=paired_ratio(samples, times["dense"]),
+            speedup=speedup,
+        )
         if name in ideals:
             row.update(ideal=ideals[name], of_ideal=speedup / ideals[name])
         rows.append(row)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ._sliced import can_slice, is_plain_norm
 from .blocks import GateSite
 from .errors import GatekitError
 from .gate import apply_channel_gate, apply_layer_gate
@@ -33,7 +34,9 @@ def apply_plan(model: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     sites = {site.name: site for site in info.sites}
     unknown = [entry["block"] for entry in plan if entry["block"] not in sites]
     if unknown:
-        raise GatekitError(f"the fold plan names blocks this model does not have: {unknown[:3]}; it was made for another model.")
+        raise GatekitError(
+            f"the fold plan names blocks this model does not have: {unknown[:3]}; it was made for another model."
+        )
     kept_sites = []
     for entry in plan:
         site = sites[entry["block"]]
@@ -55,7 +58,8 @@ def apply_plan(model: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     remaining = [s for s in info.sites if s.name not in folded] + kept_sites
     order = {site.name: index for index, site in enumerate(info.sites)}
     remaining = sorted((s for s in remaining if s.add_node in live), key=lambda s: order[s.name])
-    costs = measure_costs(model, remaining, torch.zeros(info.input_shape, dtype=_dtype_of(model)))
+    dtype, device = _placement(model)
+    costs = measure_costs(model, remaining, torch.zeros(info.input_shape, dtype=dtype, device=device))
     remaining = [
         dataclasses.replace(site, branch_macs=branch, channel_macs=channel)
         for site, branch, channel in zip(remaining, costs.branch_macs, costs.channel_macs)
@@ -66,9 +70,9 @@ def apply_plan(model: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     return model
 
 
-def _dtype_of(model: nn.Module) -> torch.dtype:
+def _placement(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     parameter = next(iter(model.parameters()), None)
-    return parameter.dtype if parameter is not None else torch.float32
+    return (parameter.dtype, parameter.device) if parameter is not None else (torch.float32, torch.device("cpu"))
 
 
 def _remove_branch(nodes: dict[str, fx.Node], site: GateSite) -> None:
@@ -103,7 +107,7 @@ def can_slice_filters(model: nn.Module, site: GateSite) -> bool:
 
 
 def _slice_filters(model: fx.GraphModule, nodes: dict[str, fx.Node], site: GateSite, kept: list[int]) -> None:
-    index = torch.tensor(kept, dtype=torch.long)
+    index = torch.tensor(kept, dtype=torch.long, device=_placement(model)[1])
     for name, role in site.sliced_layers:
         target = nodes[name].target
         module = model.get_submodule(target)
@@ -142,10 +146,8 @@ def _set_submodule(model: nn.Module, target: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def _slicer(module: nn.Module, role: str):
+def _slicer(module: nn.Module, role: str) -> Callable[[Any, torch.Tensor], nn.Module] | None:
     """How to slice ``module`` for its role, or None when gatekit cannot do it physically."""
-    from ._sliced import can_slice, is_plain_norm
-
     if isinstance(module, nn.modules.conv._ConvNd) and can_slice(module):
         depthwise = module.groups == module.in_channels == module.out_channels
         if role == "first" and module.groups == 1:
@@ -157,7 +159,7 @@ def _slicer(module: nn.Module, role: str):
         return None
     if isinstance(module, nn.Linear) and role in ("first", "consumer"):
         return _linear_rows if role == "first" else _linear_columns
-    if role == "chain" and is_plain_norm(module) and type(module) is not nn.SyncBatchNorm:
+    if role == "chain" and is_plain_norm(module):
         return _norm_channels
     return None
 
@@ -168,7 +170,8 @@ def _with(module: nn.Module, **changes: Any) -> nn.Module:
     copied._parameters, copied._buffers = dict(module._parameters), dict(module._buffers)
     for name, value in changes.items():
         if isinstance(value, torch.Tensor) and name in module._parameters:
-            copied._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=module._parameters[name].requires_grad)
+            trainable = module._parameters[name].requires_grad
+            copied._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=trainable)
         elif isinstance(value, torch.Tensor) and name in module._buffers:
             copied._buffers[name] = value.detach().clone()
         else:
@@ -177,8 +180,7 @@ def _with(module: nn.Module, **changes: Any) -> nn.Module:
 
 
 def _conv_outputs(conv: nn.modules.conv._ConvNd, index: torch.Tensor) -> nn.Module:
-    bias = conv.bias.index_select(0, index) if conv.bias is not None else None
-    return _with(conv, out_channels=len(index), weight=conv.weight.index_select(0, index), **({"bias": bias} if bias is not None else {}))
+    return _with(conv, out_channels=len(index), weight=conv.weight.index_select(0, index), **_bias_rows(conv, index))
 
 
 def _conv_inputs(conv: nn.modules.conv._ConvNd, index: torch.Tensor) -> nn.Module:
@@ -186,16 +188,19 @@ def _conv_inputs(conv: nn.modules.conv._ConvNd, index: torch.Tensor) -> nn.Modul
 
 
 def _conv_depthwise(conv: nn.modules.conv._ConvNd, index: torch.Tensor) -> nn.Module:
-    bias = conv.bias.index_select(0, index) if conv.bias is not None else None
     return _with(
         conv, in_channels=len(index), out_channels=len(index), groups=len(index),
-        weight=conv.weight.index_select(0, index), **({"bias": bias} if bias is not None else {}),
+        weight=conv.weight.index_select(0, index), **_bias_rows(conv, index),
     )
 
 
 def _linear_rows(linear: nn.Linear, index: torch.Tensor) -> nn.Module:
-    bias = linear.bias.index_select(0, index) if linear.bias is not None else None
-    return _with(linear, out_features=len(index), weight=linear.weight.index_select(0, index), **({"bias": bias} if bias is not None else {}))
+    return _with(linear, out_features=len(index), weight=linear.weight.index_select(0, index), **_bias_rows(linear, index))
+
+
+def _bias_rows(layer: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The layer's bias restricted to ``index``, as a keyword for :func:`_with` (none without a bias)."""
+    return {} if layer.bias is None else {"bias": layer.bias.index_select(0, index)}
 
 
 def _linear_columns(linear: nn.Linear, index: torch.Tensor) -> nn.Module:

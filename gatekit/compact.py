@@ -75,7 +75,8 @@ class Compaction:
         lines = [f"{'block':<24} {'fold':<12} {'filters kept':>14}  gates left"]
         for block in self.blocks:
             fold = "removed" if block.removed else "ungated" if not (block.channel_gate or block.layer_gate) else "gated"
-            gates = "-" if block.removed else "+".join(g for g, on in (("channel", block.channel_gate), ("layer", block.layer_gate)) if on) or "none"
+            left = [gate for gate, on in (("channel", block.channel_gate), ("layer", block.layer_gate)) if on]
+            gates = "-" if block.removed else "+".join(left) or "none"
             lines.append(f"{block.name:<24} {fold:<12} {block.filters_kept:>6} / {block.filters:<5}  {gates}")
         lines.append(
             f"dense MACs {self.dense_macs_before:,} -> {self.dense_macs_after:,}; calibration inputs "
@@ -121,7 +122,9 @@ def compact(
     model = unwrapped(model)
     info = info_of(model)
     if isinstance(model, SparseModel):
-        raise GatekitError("compact the gated model, then make the result sparse: `gatekit.sparse(gatekit.compact(gated, data))`.")
+        raise GatekitError(
+            "compact the gated model, then make the result sparse: `gatekit.sparse(gatekit.compact(gated, data))`."
+        )
     observed, samples = _observe(model, data, batch_size, max_samples)
     plan = _plan(model, observed)
     compacted = apply_plan(copy.deepcopy(model), plan)
@@ -203,7 +206,7 @@ def _observe(model: nn.Module, data: Any, batch_size: int, max_samples: int | No
 def _plan(model: nn.Module, observed: list[_Observed]) -> Plan:
     plan = []
     for site, seen in zip(info_of(model).sites, observed):
-        entry: dict[str, Any] = {"block": site.name, "removed": False, "kept": None, "channel_gate": False, "layer_gate": False}
+        entry: dict[str, Any] = dict(block=site.name, removed=False, kept=None, channel_gate=False, layer_gate=False)
         if seen.layer_gated and not seen.runs.any():
             entry["removed"] = True
             plan.append(entry)

@@ -149,7 +149,10 @@ class SparseBlock(nn.Module):
             row = bits.tolist()[0]  # two operator calls; a NumPy view costs four
             if self.layer_gated and not row[-1]:
                 return self._skipped(shortcut, x)
-            output = self.branch.forward(x, self._set_of(bytes(row[: self.channels]), x), None) if self.channels else self.branch.forward(x)
+            if self.channels:
+                output = self.branch.forward(x, self._set_of(bytes(row[: self.channels]), x), None)
+            else:
+                output = self.branch.forward(x)
             return output if shortcut is None else output + shortcut
         decisions = bits.numpy() if bits.is_cpu else bits.cpu().numpy()  # a view on a CPU
         return self._run_batch(x, shortcut, decisions)
