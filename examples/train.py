@@ -97,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--noise-start", type=float, help="training noise scale before annealing (0: eval decisions "
                         "throughout; finetune: 0 with a warm start, else 1)")
     recipe.add_argument("--anneal-noise", type=float, help="fraction of the steps, at the end, over which the "
-                        "training noise goes to 0 (finetune: 0.5; 0: off)")
+                        "training noise goes to 0 (finetune: 0.5 without a warm start; 0: off)")
     recipe.add_argument("--recalibrate", type=int, help="training images to re-estimate batch-norm statistics on at "
-                        "the end (finetune: 4096; 0: off)")
+                        "the end (finetune: 4096 without a warm start; 0: off)")
     recipe.add_argument("--weight-decay", type=float, default=5e-4)
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, required=True, help="run folder (resumes if it holds last.pt)")
@@ -165,12 +165,12 @@ def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 
 def regularizer(args: argparse.Namespace):
-    options = {name: value for name, value in (("weight", args.loss_weight), ("controller", args.controller))
-               if value is not None}
+    weight = {} if args.loss_weight is None else {"weight": args.loss_weight}
+    controller = {} if args.controller is None else {"controller": args.controller}
     if args.target is not None:
-        return gatekit.TargetRateLoss(target=args.target, **{k: v for k, v in options.items() if k == "weight"})
+        return gatekit.TargetRateLoss(target=args.target, **weight)
     if args.budget is not None:
-        loss = gatekit.MacBudgetLoss(budget=args.budget, **options)
+        loss = gatekit.MacBudgetLoss(budget=args.budget, **weight, **controller)
     else:
         loss = gatekit.SparsityLoss(layer=args.layer, channel=args.channel, channel_rates=args.channel_rates)
     return [loss, gatekit.BatchShapingLoss(weight=args.batch_shaping)] if args.batch_shaping else loss
