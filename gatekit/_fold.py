@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._graph import ancestors
 from ._sliced import can_slice, is_plain_norm
 from .blocks import GateSite
 from .errors import GatekitError
@@ -78,19 +79,9 @@ def _placement(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 def _remove_branch(nodes: dict[str, fx.Node], site: GateSite) -> None:
     """The block becomes its shortcut: the add's users read the shortcut, and the branch is dead."""
     add = nodes[site.add_node]
-    branch_side = 0 if site.branch_output_node in {n.name for n in _upstream_of(add.args[0])} else 1
+    branch_side = 0 if site.branch_output_node in {n.name for n in ancestors([add.args[0]])} else 1
     add.replace_all_uses_with(add.args[1 - branch_side])
     add.graph.erase_node(add)
-
-
-def _upstream_of(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
 
 
 def can_slice_filters(model: nn.Module, site: GateSite) -> bool:

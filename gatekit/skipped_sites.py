@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch.fx as fx
 
+from ._graph import ancestors
 from .errors import NoResidualBlockError, SkippedBlocksWarning, UngatableBlockError
 
 if TYPE_CHECKING:
@@ -102,14 +103,7 @@ def one_gate_per_layer(sites: Sequence[GateSite]) -> dict[str, tuple[str, str]]:
 
 def live_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes the output or a side effect needs: a user that nothing needs keeps no branch running."""
-    roots = [n for n in graph.nodes if n.op == "output" or (n.op != "placeholder" and n.is_impure())]
-    seen, stack = set(roots), list(roots)
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
+    return ancestors(n for n in graph.nodes if n.op == "output" or (n.op != "placeholder" and n.is_impure()))
 
 
 def describe(skipped: Sequence[SkippedSite]) -> str:

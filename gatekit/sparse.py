@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._fused_gate import FusedGate
+from ._graph import ancestors
 from ._internal import internal_errors
 from ._sliced import ChannelSet, memory_format_of, sliced
 from .blocks import GateSite
@@ -343,20 +344,9 @@ def _attribute(model: nn.Module, target: str) -> object:
     return value
 
 
-def _upstream(node: fx.Node) -> set[fx.Node]:
-    """``node`` and all its ancestors."""
-    seen, stack = {node}, [node]
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
-
-
 def _between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
     """Nodes on paths from ``start`` (excluded) to ``end`` (included)."""
-    upstream = _upstream(end)
+    upstream = ancestors([end])
     found, frontier = set(), [start]
     while frontier:
         for user in frontier.pop().users:
@@ -369,7 +359,7 @@ def _between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
 def _check_closed(site: GateSite, branch: list[fx.Node], add: fx.Node) -> None:
     inside = set(branch)
     # Users the output no longer needs do not count: the gate of a nested block made sparse before.
-    live = _upstream(next(iter(reversed(add.graph.nodes))))
+    live = ancestors([next(iter(reversed(add.graph.nodes)))])
     for node in branch:
         for user in node.users:
             if user not in inside and user is not add and user in live:
