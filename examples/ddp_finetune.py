@@ -33,6 +33,7 @@ def parse(arguments: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--layer", type=float, default=0.002, help="lambda of gatekit.SparsityLoss")
     parser.add_argument("--channel", type=float, default=0.002, help="gamma of gatekit.SparsityLoss")
+    parser.add_argument("--kd", type=float, default=0.0, help="weight of distillation from the model before gating (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sync-bn", action="store_true", help="batch norm statistics over the global batch (GPUs only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -78,6 +79,8 @@ def main(arguments: list[str] | None = None) -> None:
     model = get_model(args.model)
     gated = gatekit.convert(model, example_input=images[:1],
                             regularizer=gatekit.SparsityLoss(layer=args.layer, channel=args.channel)).to(device)
+    # The teacher stays outside DDP: each process runs its own copy, nothing to synchronize.
+    distill = gatekit.DistillationLoss(model.eval().to(device), weight=args.kd) if args.kd else None
     if args.sync_bn:  # replaces the BN modules in place; the traced graph calls them by name
         gated = nn.SyncBatchNorm.convert_sync_batchnorm(gated)
     # Every parameter takes part in every step (closed gates multiply by 0 but keep the gradient
@@ -90,7 +93,10 @@ def main(arguments: list[str] | None = None) -> None:
         start = step * args.batch_size + rank * local
         x, y = images[start : start + local].to(device), labels[start : start + local].to(device)
         torch.manual_seed(gate_noise_seed(args.seed, step, rank, world))
-        loss = nn.functional.cross_entropy(ddp(x), y) + gatekit.gate_loss(ddp)
+        output = ddp(x)
+        loss = nn.functional.cross_entropy(output, y) + gatekit.gate_loss(ddp)
+        if distill is not None:
+            loss = loss + distill(output, x)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

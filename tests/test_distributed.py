@@ -1,5 +1,6 @@
-"""Distributed finetuning: a 2-process DDP run (torchrun, gloo, CPU) of examples/ddp_finetune.py equals
-a single process on the same global batches, and what DDP needs from a gated model.
+"""Distributed finetuning: a 2-process DDP run (torchrun, gloo, CPU) of examples/ddp_finetune.py, with
+distillation from the model before gating, equals a single process on the same global batches, and
+what DDP needs from a gated model.
 
 Exactness: the single process splits every global batch into the same two halves, draws each half's
 gate noise with the seed that process used, and accumulates the halves' gradients (loss / 2 each):
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import ddp_finetune  # noqa: E402
 
 ARGUMENTS = ["--model", "cifar/resnet8", "--channels", "3", "--size", "16", "--batch-size", "16", "--steps", "4",
-             "--lr", "0.1", "--layer", "0.3", "--channel", "0.3", "--print-every", "2"]
+             "--lr", "0.1", "--layer", "0.3", "--channel", "0.3", "--kd", "0.5", "--print-every", "2"]
 
 
 def single_process_reference(arguments, world):
@@ -35,8 +36,10 @@ def single_process_reference(arguments, world):
     args = ddp_finetune.parse(arguments)
     torch.manual_seed(args.seed)
     images, labels = ddp_finetune.global_batches(args)
-    gated = gatekit.convert(get_model(args.model), example_input=images[:1],
+    model = get_model(args.model)
+    gated = gatekit.convert(model, example_input=images[:1],
                             regularizer=gatekit.SparsityLoss(layer=args.layer, channel=args.channel))
+    distill = gatekit.DistillationLoss(model.eval(), weight=args.kd)
     optimizer = torch.optim.SGD(gatekit.param_groups(gated), lr=args.lr, momentum=0.9, nesterov=True)
     local, history = args.batch_size // world, []
     for step in range(args.steps):
@@ -47,6 +50,7 @@ def single_process_reference(arguments, world):
             torch.manual_seed(ddp_finetune.gate_noise_seed(args.seed, step, rank, world))
             output = gated(images[start : start + local])
             loss = nn.functional.cross_entropy(output, labels[start : start + local]) + gatekit.gate_loss(gated)
+            loss = loss + distill(output, images[start : start + local])
             (loss / world).backward()  # DDP averages the processes' gradients
             shares.append(gatekit.gate_stats(gated))
         optimizer.step()
