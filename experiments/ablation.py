@@ -72,13 +72,15 @@ def table(out: Path, budgets: list[float], destination: Path) -> None:
     import torch
 
     import gatekit
+    from gatekit.datasets import load_dataset
     from gatekit.macs import static_macs
 
     # Every row as a fraction of the dense ResNet20's MACs (a pruned model's own "dense" is itself).
     reference = static_macs(gatekit.load(DENSE), torch.zeros(1, 3, 32, 32))
     destination.mkdir(parents=True, exist_ok=True)
-    lines = ["| budget | row | val acc. % | MACs % | p5 / p50 / p95 % | exec. rate | channel rate |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| budget | row | val acc. % | MACs % | p5 / p50 / p95 % | exec. rate | channel rate | ≠ static mask % |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    val_images = load_dataset("cifar10", split="val", limit=1000).tensors[0]
     records = []
     for budget in budgets:
         for name, label, arguments in rows(budget):
@@ -92,11 +94,39 @@ def table(out: Path, budgets: list[float], destination: Path) -> None:
             scale = summary["val_mean_macs"] / summary["val_mac_fraction"] / reference  # own dense -> ResNet20
             spread = " / ".join(f"{100 * scale * summary[f'val_mac_p{p}']:.1f}" for p in (5, 50, 95))
             rates = [f"{summary[k]:.3f}" if k in summary else "–" for k in ("val_execution_rate", "val_channel_rate")]
+            differing = _differing_from_static_mask(out / f"b{budget}-{name}" / "model.pt", arguments, val_images)
+            record["differing_from_static_mask"] = differing
             lines.append(f"| {budget} | {label} | {100 * summary['val_accuracy']:.2f} | "
-                         f"{100 * summary['val_mean_macs'] / reference:.1f} | {spread} | {rates[0]} | {rates[1]} |")
+                         f"{100 * summary['val_mean_macs'] / reference:.1f} | {spread} | {rates[0]} | {rates[1]} | "
+                         f"{'–' if differing is None else f'{100 * differing:.2f}'} |")
     (destination / "ablation.md").write_text("\n".join(lines) + "\n")
     (destination / "ablation.json").write_text(json.dumps(records, indent=1))
     print("\n".join(lines))
+
+
+def _differing_from_static_mask(checkpoint: Path, arguments: list[str], images) -> float | None:
+    """Share of the executed-filter decisions on ``images`` that differ from the warm start's static
+    mask (a skipped block differs wherever the mask keeps a filter); None without a warm start."""
+    import torch
+
+    import gatekit
+
+    warm = float(arguments[len(arguments) - 1 - arguments[::-1].index("--warm-start") + 1]) if "--warm-start" in arguments else 0
+    if not warm:
+        return None
+    logit = float(arguments[arguments.index("--warm-logit") + 1]) if "--warm-logit" in arguments else 3.0
+    start = gatekit.convert(gatekit.load(DENSE), gates="channel+layer")
+    gatekit.warm_start(start, warm, logit=logit)
+    model = gatekit.load(checkpoint).eval()
+    with torch.no_grad():
+        model(images)
+    differing, total = 0, 0
+    for name, gate in gatekit.gates_of(model).items():
+        executed = gate.channel_gates * gate.layer_gates.unsqueeze(1)
+        mask = (gatekit.gates_of(start)[name].channel_head.bias > 0).to(executed.dtype)
+        differing += int((executed != mask).sum())
+        total += executed.numel()
+    return differing / total
 
 
 def main() -> None:
