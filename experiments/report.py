@@ -29,6 +29,21 @@ METHOD_LABELS = {
 }
 
 
+# examples/train.py --recipe finetune: budget loss, warm start (except layer gates), distillation.
+RECIPE_LABELS = {
+    "dlcg": "DLCG (finetune recipe)", "channel": "channel gating (finetune recipe)",
+    "aig": "ConvNet-AIG (finetune recipe)", "budget": "DLCG (budget loss, cold start)",
+    "static": "Torch-Pruning static (distilled)",
+}
+
+
+def label(method: str, rows: list[dict]) -> str:
+    """The method's name in tables and plots; runs of the finetuning recipe say so."""
+    if any(r["method"] == method and r["config"].get("recipe") == "finetune" for r in rows):
+        return RECIPE_LABELS.get(method, METHOD_LABELS.get(method, method))
+    return METHOD_LABELS.get(method, method)
+
+
 def method_of(run: str) -> str:
     return run.split("-")[0]
 
@@ -70,7 +85,7 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
     for row in sorted(rows, key=lambda r: (r["method"], -r["val"]["mean_macs"])):
         config, val = row["config"], row["val"]
         goal = config.get("target") or config.get("budget") or config.get("static_fraction") or ""
-        cells = [METHOD_LABELS.get(row["method"], row["method"]), row["run"],
+        cells = [label(row["method"], rows), row["run"],
                  _fmt(config.get("layer")), _fmt(config.get("channel")), _fmt(goal),
                  _rate(val["execution_rate"]), _rate(val["channel_rate"]), f"{100 * val['accuracy']:.2f}",
                  *[f"{100 * row[s]['accuracy']:.2f}" for s in tests],
@@ -102,7 +117,7 @@ def write_equal_macs(rows: list[dict], split: str, path: Path) -> None:
     methods = [m for m in (*GATED_MARKERS, "static") if any(r["method"] == m for r in rows)]
     lines = [f"Accuracy on `{split}` (%), interpolated at equal fractions of the dense ResNet20's MACs "
              "(–: outside the method's runs).", "",
-             "| % of MACs | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+             "| % of MACs | " + " | ".join(label(m, rows) for m in methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
     for fraction in COMPARED_FRACTIONS:
         values = [accuracy_at([(r[split]["mean_macs"] / reference, r[split]["accuracy"]) for r in rows
@@ -136,12 +151,12 @@ def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
     for method, marker in GATED_MARKERS.items():
         points = sorted((r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"]) for r in rows if r["method"] == method)
         if points:
-            axes.plot(*zip(*points), marker, label=METHOD_LABELS[method])
+            axes.plot(*zip(*points), marker, label=label(method, rows))
     for method, marker in (("static", "x"), ("dense", "*")):
         points = [(r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"], r["run"]) for r in rows if r["method"] == method]
         if points:
             axes.plot([p[0] for p in points], [p[1] for p in points], marker, markersize=10, linestyle="none",
-                      label=METHOD_LABELS[method])
+                      label=label(method, rows))
             for x, y, name in points:
                 if method == "dense":
                     axes.annotate(name.removeprefix("dense-"), (x, y), textcoords="offset points", xytext=(4, 4))
