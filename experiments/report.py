@@ -39,7 +39,7 @@ RECIPE_LABELS = {
 
 def label(method: str, rows: list[dict]) -> str:
     """The method's name in tables and plots; runs of the finetuning recipe say so."""
-    if any(r["method"] == method and r["config"].get("recipe") == "finetune" for r in rows):
+    if any(r["method"] == method and r.get("config", {}).get("recipe") == "finetune" for r in rows):
         return RECIPE_LABELS.get(method, METHOD_LABELS.get(method, method))
     return METHOD_LABELS.get(method, method)
 
