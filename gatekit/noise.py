@@ -1,10 +1,12 @@
-"""Annealing the training noise of every gate, so that training ends on the decisions eval makes.
+"""Scaling the training noise of every gate, so that training sees the decisions eval makes.
 
 Training samples each decision as ``logit + noise * L > 0`` with logistic ``L``; eval thresholds
 ``logit > 0``. With logits near ±3 the noise flips about 5 % of the decisions of every sample, so a
-model trained to the end with full noise is tuned for a network that is never deployed. Scaling
-the noise to 0 over the last part of training closes that gap: the forward pass then makes exactly
-the eval decisions and the gates still learn through the straight-through gradient.
+model trained with full noise is tuned for a network that is never deployed. At noise 0 the forward
+pass makes exactly the eval decisions and the gates still learn through the straight-through
+gradient. In the CIFAR-10 ablation (docs/results.md) a warm-started model trained at noise 0 from
+the first step matched static pruning; annealing the noise away over the second half recovered only
+half of the gap. Cold starts, which must explore, anneal.
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ class NoiseSchedule:
     """Linear annealing of the training noise from ``start`` to ``end``: constant for ``delay`` calls
     of :meth:`step`, then over ``steps`` calls.
 
-    The recipe in docs/howto/finetune.md keeps full noise for the first half of training and anneals
-    it to 0 over the second half.
+    For a cold start (every gate open), docs/howto/finetune.md keeps full noise for the first half of
+    training and anneals it to 0 over the second half; a warm start trains at noise 0 throughout.
 
     >>> schedule = NoiseSchedule(gated, delay=total // 2, steps=total - total // 2)  # doctest: +SKIP
     >>> for batch in loader: ...; schedule.step()  # doctest: +SKIP
