@@ -111,10 +111,10 @@ def _differing_from_static_mask(checkpoint: Path, arguments: list[str], images) 
 
     import gatekit
 
-    warm = float(arguments[len(arguments) - 1 - arguments[::-1].index("--warm-start") + 1]) if "--warm-start" in arguments else 0
+    warm = _last_value(arguments, "--warm-start", 0.0)
     if not warm:
         return None
-    logit = float(arguments[arguments.index("--warm-logit") + 1]) if "--warm-logit" in arguments else 3.0
+    logit = _last_value(arguments, "--warm-logit", 3.0)
     start = gatekit.convert(gatekit.load(DENSE), gates="channel+layer")
     gatekit.warm_start(start, warm, logit=logit)
     model = gatekit.load(checkpoint).eval()
@@ -127,6 +127,12 @@ def _differing_from_static_mask(checkpoint: Path, arguments: list[str], images) 
         differing += int((executed != mask).sum())
         total += executed.numel()
     return differing / total
+
+
+def _last_value(arguments: list[str], flag: str, default: float) -> float:
+    """The value a flag ends up with on an argparse command line (the last occurrence wins)."""
+    values = [float(value) for name, value in zip(arguments, arguments[1:]) if name == flag]
+    return values[-1] if values else default
 
 
 def main() -> None:
