@@ -61,3 +61,14 @@ def test_profile_reproduces_the_reported_accuracy_and_macs(dataset):
     expected = reported(dataset, run)["test"]
     assert report.accuracy == pytest.approx(expected["accuracy"], abs=1e-9)
     assert report.mean_macs == pytest.approx(expected["mean_macs"], rel=1e-9)
+
+
+@pytest.mark.parametrize("run", ["dlcg-b0.65", "static-f0.65"])
+def test_recipe_sweep_checkpoints_reproduce_their_reported_test_figures(run):
+    """results/cifar10-recipe (issue 13's sweep): a gated and a static checkpoint, on the 1,000 lossless
+    test images that experiments/report.py evaluated."""
+    folder = RESULTS / "cifar10-recipe" / "cifar10"
+    expected = next(row for row in json.loads((folder / "runs.json").read_text()) if row["run"] == run)["test"]
+    report = gatekit.profile(gatekit.load(folder / "runs" / run / "model.pt"), load_test_split("cifar10"), batch_size=500)
+    assert report.accuracy == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert report.mean_macs == pytest.approx(expected["mean_macs"], rel=1e-9)
