@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -167,12 +167,7 @@ def _observe(model: nn.Module, data: Any, batch_size: int, max_samples: int | No
     model.eval()
     try:
         with torch.no_grad():
-            for batch in _as_batches(data, batch_size):
-                inputs, _ = _split(batch)
-                if max_samples is not None:
-                    inputs = inputs[: max_samples - samples]
-                if inputs.shape[0] == 0:
-                    continue
+            for inputs in _inputs(data, batch_size, max_samples):
                 _forward(model, inputs)
                 samples += inputs.shape[0]
                 for index, gate in enumerate(gates):
@@ -180,8 +175,6 @@ def _observe(model: nn.Module, data: Any, batch_size: int, max_samples: int | No
                     layers[index].append(layer.detach().cpu().numpy() > 0.5)
                     if gate.channel_gates is not None:
                         channels[index].append(gate.channel_gates.detach().cpu().numpy() > 0.5)
-                if max_samples is not None and samples >= max_samples:
-                    break
     finally:
         for module, training in modes.items():
             module.training = training
@@ -243,26 +236,33 @@ def _contradicted(plan: Plan, observed: list[_Observed]) -> np.ndarray:
 
 
 def _output_difference(gated: nn.Module, compacted: nn.Module, data: Any, batch_size: int, max_samples: int | None) -> float:
-    worst, samples = 0.0, 0
+    worst = 0.0
     modes = {module: module.training for module in list(gated.modules()) + list(compacted.modules())}
     gated.eval(), compacted.eval()
     try:
         with torch.no_grad():
-            for batch in _as_batches(data, batch_size):
-                inputs, _ = _split(batch)
-                if max_samples is not None:
-                    inputs = inputs[: max_samples - samples]
-                if inputs.shape[0] == 0:
-                    continue
+            for inputs in _inputs(data, batch_size, max_samples):
                 difference = (_forward(gated, inputs) - _forward(compacted, inputs)).abs()
                 worst = max(worst, float(difference.max()))
-                samples += inputs.shape[0]
-                if max_samples is not None and samples >= max_samples:
-                    break
     finally:
         for module, training in modes.items():
             module.training = training
     return worst
+
+
+def _inputs(data: Any, batch_size: int, max_samples: int | None) -> Iterator[Tensor]:
+    """The non-empty input batches of ``data``, the last one cut so that at most ``max_samples`` pass."""
+    samples = 0
+    for batch in _as_batches(data, batch_size):
+        inputs, _ = _split(batch)
+        if max_samples is not None:
+            inputs = inputs[: max_samples - samples]
+        if inputs.shape[0] == 0:
+            continue
+        yield inputs
+        samples += inputs.shape[0]
+        if max_samples is not None and samples >= max_samples:
+            return
 
 
 def _block_fold(entry: dict[str, Any], filters: int) -> BlockFold:
