@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--kd", type=float, help="distillation weight from the --init model (finetune: 0.7; 0: off)")
     recipe.add_argument("--kd-temperature", type=float, default=4.0)
+    recipe.add_argument("--kd-features", type=float, default=0.0,
+                        help="weight of a feature term at the gated blocks' inputs (0: off; it did not pay)")
     recipe.add_argument("--ramp", type=float, help="fraction of the steps over which the sparsity pressure ramps in "
                         "(finetune: 0.4, or 0 with a warm start)")
     recipe.add_argument("--warm-start", type=float, help="start channel gates from a magnitude pruner at this budget "
@@ -196,14 +198,15 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return start
 
 
-def build_teacher(args: argparse.Namespace, device: torch.device) -> gatekit.DistillationLoss | None:
-    """The --init model as a frozen distillation teacher, or None without --kd."""
+def build_teacher(args: argparse.Namespace, device: torch.device, model: nn.Module) -> gatekit.DistillationLoss | None:
+    """The --init model as a frozen distillation teacher of ``model``, or None without --kd."""
     if not args.kd:
         return None
     teacher = gatekit.load(args.init).to(device).eval()
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    return gatekit.DistillationLoss(teacher, temperature=args.kd_temperature, weight=args.kd)
+    features = dict(features=args.kd_features, student=model) if args.kd_features else {}
+    return gatekit.DistillationLoss(teacher, temperature=args.kd_temperature, weight=args.kd, **features)
 
 
 class GateSchedules:
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = build_teacher(args, device)
+    teacher = build_teacher(args, device, model)
     steps_per_epoch = len(labels) // args.batch_size
     optimizer, schedule = make_optimizer(model, args, steps_per_epoch)
     gate_schedules = GateSchedules(model, args, args.epochs * steps_per_epoch)

@@ -44,6 +44,8 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
     by_name = {name: args for name, _, args in result}
     result.insert(4, ("anneal", "alternative to the next row: noise annealed to 0 over the second half, gate lr x10",
                       by_name["warm"] + ["--anneal-noise", "0.5", "--gate-lr-scale", "10"]))
+    result.insert(6, ("features", "deterministic row + feature distillation at the gated blocks' inputs (weight 1), not "
+                      "carried into the rows below", by_name["deterministic"] + ["--kd-features", "1"]))
     controller = by_name["controller"]
     result.append(("warm-above", "controller row, warm start 10 points above the budget: layer gates spend the rest",
                    controller + ["--warm-start", str(round(budget + 0.1, 3))]))

@@ -136,6 +136,68 @@ def test_distillation_refuses_a_training_teacher_one_on_another_device_and_bad_s
         gatekit.DistillationLoss(teacher.eval())(torch.randn(8, 7), images())
 
 
+def _block_inputs(model: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each named block's input, read by pre-hooks on the plain model's own block modules."""
+    seen, modules = {}, dict(model.named_modules())
+    handles = [modules[name].register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(name, args[0]))
+               for name in names]
+    with torch.no_grad():
+        model(batch)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_feature_distillation_matches_block_inputs_read_from_the_plain_models():
+    teacher = get_model("cifar/resnet8").eval()
+    student = gatekit.convert(teacher, example_input=torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        student.get_submodule("layer1.0.conv1").weight.mul_(1.5)  # a student that has drifted
+    perturbed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        perturbed.layer1[0].conv1.weight.mul_(1.5)
+    student.train()
+    for module in student.modules():  # batch statistics as the teacher's, and no noise: gates open
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    gatekit.set_noise(student, 0.0)
+    distill = gatekit.DistillationLoss(teacher, weight=0.5, features=2.0, student=student)
+    batch = images()
+    logits = student(batch)
+    loss = distill(logits, batch)
+    names = list(gatekit.gates_of(student))
+    ours, theirs = _block_inputs(perturbed, batch, names), _block_inputs(teacher, batch, names)
+    features = torch.stack([(ours[n] - theirs[n]).pow(2).sum() / theirs[n].pow(2).sum() for n in names]).mean()
+    assert features > 0.01  # the drift reaches every later block
+    logit_term = gatekit.DistillationLoss(teacher, weight=0.5)(logits, batch)
+    assert loss.item() == pytest.approx(logit_term.item() + 2.0 * features.item(), rel=1e-4)
+    loss.backward()
+    assert student.get_submodule("layer1.0.conv1").weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(module._forward_pre_hooks for module in teacher.modules())  # hooks go on a converted copy
+    with pytest.raises(GatekitError, match="no student features"):
+        distill(logits, batch)  # the same features twice: a forward was skipped
+    student.eval()(batch)
+    with pytest.raises(GatekitError, match="no student features"):
+        distill(logits, batch)  # an eval forward (an EMA copy's, say) records nothing
+    distill.remove()
+    assert not any(gate._forward_pre_hooks for gate in gatekit.gates_of(student).values())
+
+
+def test_feature_distillation_refuses_a_missing_or_plain_student():
+    teacher = get_model("cifar/resnet8").eval()
+    with pytest.raises(GatekitError, match="student="):
+        gatekit.DistillationLoss(teacher, features=1.0)
+    with pytest.raises(GatekitError, match="gatekit.convert"):
+        gatekit.DistillationLoss(teacher, features=1.0, student=get_model("cifar/resnet8"))
+    with pytest.raises(GatekitError, match="features"):
+        gatekit.DistillationLoss(teacher, features=-1.0)
+    student = gatekit.convert(teacher, example_input=torch.randn(1, 3, 32, 32), exclude=["layer3.*"])
+    with pytest.raises(GatekitError, match="differ"):
+        gatekit.DistillationLoss(gatekit.convert(teacher, example_input=torch.randn(1, 3, 32, 32)),
+                                 features=1.0, student=student)
+
+
 # --- Batch-norm recalibration ----------------------------------------------------------------------
 
 def test_recalibration_computes_the_cumulative_statistics_and_restores_modes_and_momenta():
