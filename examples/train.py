@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="MAC-budget loss: dual-ascent step of its multiplier (0: plain quadratic loss; default: the loss's)")
     model.add_argument("--batch-shaping", type=float, default=0.0, help="weight of a batch-shaping loss added to the gates' loss")
     model.add_argument("--static-fraction", type=float, help="static: fraction of dense MACs to prune to")
+    model.add_argument("--channel-keep", type=float, help="gated methods with channel gates: keep this fraction "
+                       "of each block's filters per input, top-k (FBS-style; docs/losses.md)")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--recipe", choices=("paper", "short", "finetune"), default=None,
                         help="paper: 400 epochs at lr 0.1; short: 10 epochs at lr 0.05 from --init; finetune: "
@@ -154,7 +156,10 @@ def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--method static prunes a trained model: give --init and --static-fraction.")
     if gated and args.target is not None and args.budget is not None:
         parser.error("give one of --target (target-rate loss) and --budget (MAC-budget loss), not both.")
-    if gated and args.target is None and args.budget is None and args.layer == 0 and args.channel == 0:
+    if args.channel_keep is not None and args.method not in ("dlcg", "channel"):
+        parser.error("--channel-keep sets how many filters the channel gates keep: use --method dlcg or channel.")
+    if (gated and args.target is None and args.budget is None and args.layer == 0 and args.channel == 0
+            and not (args.method == "channel" and args.channel_keep is not None)):  # top-k alone sets the cost
         parser.error(f"--method {args.method} needs a sparsity loss: --layer/--channel, --target or --budget.")
     if not gated and (args.target is not None or args.budget is not None or args.layer or args.channel):
         parser.error(f"--method {args.method} has no gates: drop --layer/--channel/--target/--budget.")
@@ -191,7 +196,8 @@ def build_model(args: argparse.Namespace) -> nn.Module:
         kwargs = {k: v for k, v in kwargs.items() if k != "widths"}
         return prune_to_widths(start, name, widths_for(name, args.static_fraction, kwargs), kwargs)
     if args.method in GATES:
-        gated = gatekit.convert(start, gates=GATES[args.method], regularizer=regularizer(args))
+        gated = gatekit.convert(start, gates=GATES[args.method], regularizer=regularizer(args),
+                                channel_keep=args.channel_keep)
         if args.warm_start:
             gatekit.warm_start(gated, args.warm_start, logit=args.warm_logit)
         return gated

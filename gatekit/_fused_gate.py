@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._sliced import stamp_of
-from .relaxation import threshold
+from .relaxation import threshold, top_k
 
 if TYPE_CHECKING:  # gate.py may import this module for its eval-mode forward
     from .gate import Gate
@@ -64,14 +64,20 @@ class FusedGate:
 
     def decisions(self, x: Tensor) -> Tensor:
         """Eval-mode decisions as a bool tensor shaped like :meth:`logits`: a gate is on when its
-        logit is positive (``gatekit.relaxation.threshold``)."""
+        logit is positive (``gatekit.relaxation.threshold``), a top-k channel gate on its ``keep``
+        largest channel logits (``gatekit.relaxation.top_k``)."""
         logits = self.logits(x)
         zero = self._zero
         if zero.dtype != logits.dtype or zero.device != logits.device:
             zero = self._zero = logits.new_zeros(())
         # Against a zero tensor, not the number 0: a Python scalar is first made a tensor, four more
         # operator calls (to, _to_copy, empty_strided, copy_) at every block.
-        return torch.gt(logits, zero)
+        decisions = torch.gt(logits, zero)
+        gate = self.gate
+        if gate.keep is not None and gate.channel_head is not None:
+            channels = gate.channels
+            decisions[:, :channels] = top_k(logits[:, :channels], gate.keep).bool()
+        return decisions
 
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]
@@ -102,7 +108,9 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     split = gate.channels if gate.channel_head is not None else 0
     records = dict(channel_logits=None, channel_gates=None, layer_logits=None, layer_gates=None)
     if gate.channel_head is not None:
-        records.update(channel_logits=logits[:, :split], channel_gates=decisions[:, :split])
+        channel_logits = logits[:, :split]
+        channel_gates = decisions[:, :split] if gate.keep is None else top_k(channel_logits, gate.keep)
+        records.update(channel_logits=channel_logits, channel_gates=channel_gates)
     if gate.layer_head is not None:
         records.update(layer_logits=logits[:, split], layer_gates=decisions[:, split])
     gate.__dict__.update(records)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import operator
+from numbers import Real
 from typing import Any, Callable, Literal, Sequence, overload
 
 import torch
@@ -33,6 +35,7 @@ def convert(
     temperature: float = 1.0,
     init_bias: float = 3.0,
     hidden: int = 16,
+    channel_keep: float | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     inplace: bool = False,
@@ -53,6 +56,10 @@ def convert(
         temperature: Gumbel-sigmoid temperature used in training mode.
         init_bias: initial logit of every gate; positive keeps a fresh model's function.
         hidden: width of the gate's shared linear layer (16 in the paper).
+        channel_keep: instead of deciding each filter on its own, keep exactly
+            ``k = max(1, ceil(channel_keep * channels))`` filters of every gated block per input, those
+            with the largest channel logits (FBS-style top-k, docs/losses.md); the channel cost is then
+            fixed by construction and only the layer gates vary it. In (0, 1]; needs channel gates.
         leaf_modules: module types torch.fx must not trace into.
         autowrap_functions: free functions torch.fx must record as calls instead of tracing.
         inplace: reuse the model's parameters instead of copying them first.
@@ -68,6 +75,8 @@ def convert(
         TraceError: torch.fx cannot trace the model (the message names the module).
         NoResidualBlockError: no residual block can be gated, or the patterns matched none.
         UngatableBlockError: ``strict`` and a block cannot be gated (the message says why).
+        GatekitError: an unknown ``gates`` mode, or ``channel_keep`` outside (0, 1] or without
+            channel gates.
 
     >>> import torchvision
     >>> gated = convert(torchvision.models.resnet18(), example_input=torch.randn(1, 3, 64, 64))
@@ -76,6 +85,7 @@ def convert(
     """
     if gates not in GATE_MODES:
         raise GatekitError(f"gates={gates!r} is not a gating mode; use one of {', '.join(GATE_MODES)}.")
+    _check_channel_keep(channel_keep, gates)
     _check_model(model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -93,6 +103,7 @@ def convert(
         gate = Gate(
             site.in_channels, site.channels, channel_head=channel_head, layer_head=layer_head,
             hidden=hidden, temperature=temperature, init_bias=init_bias,
+            keep=None if channel_keep is None else _kept_filters(channel_keep, site.channels),
         )
         graph_module.gatekit_gates[gate_key(site.name)] = gate.to(example_input.device, example_input.dtype)
         with internal_errors("inserting a gate", site.add_node, block=site.name):
@@ -110,6 +121,8 @@ def convert(
         options=dict(
             gates=gates, include=include, exclude=tuple(exclude), temperature=temperature,
             init_bias=init_bias, hidden=hidden,
+            # Only when set: a checkpoint of a model without it still loads in a gatekit without it.
+            **({} if channel_keep is None else dict(channel_keep=float(channel_keep))),
         ),
         source=getattr(model, SOURCE_ATTRIBUTE, None),
     ))
@@ -175,6 +188,30 @@ def _discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[Skippe
     with internal_errors("rewriting partial residuals and splits", "the traced graph"):
         canonicalize(graph_module)
     return discover(graph_module)
+
+
+def _kept_filters(channel_keep: float, channels: int) -> int:
+    """Filters a top-k channel gate keeps per input: ``max(1, ceil(channel_keep * channels))``, the
+    product rounded to 9 decimals first so that float error does not keep one more (0.3 * 10 is
+    3.0000000000000004 in floating point, and keeps 3)."""
+    return max(1, math.ceil(round(channel_keep * channels, 9)))
+
+
+def _check_channel_keep(channel_keep: object, gates: str) -> None:
+    if channel_keep is None:
+        return
+    if isinstance(channel_keep, bool) or not (
+        isinstance(channel_keep, Real) and math.isfinite(channel_keep) and 0 < channel_keep <= 1
+    ):
+        raise GatekitError(
+            f"channel_keep={channel_keep!r}: give the fraction of each block's filters to keep per input, "
+            f"a number in (0, 1] (0.5 keeps half), or None to decide each filter on its own."
+        )
+    if "channel" not in gates:
+        raise GatekitError(
+            f"channel_keep={channel_keep!r} sets how many filters the channel gates keep, and gates={gates!r} "
+            f"has no channel gates: convert with gates='channel+layer' or 'channel', or drop channel_keep."
+        )
 
 
 def _check_model(model: Any) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ._fused_gate import eval_forward
 from .errors import GatekitError
-from .relaxation import gumbel_sigmoid, threshold
+from .relaxation import gumbel_sigmoid, threshold, top_k, top_k_sigmoid
 
 
 class Gate(nn.Module):
@@ -21,9 +21,15 @@ class Gate(nn.Module):
     mode (the converted model computes what the original did) and on with probability
     ``sigmoid(init_bias)`` under training noise.
 
+    With ``keep`` (``gatekit.convert(..., channel_keep=...)``) the channel head keeps exactly
+    ``keep`` filters per input, those with the largest logits (FBS-style top-k), in training and in
+    eval; the layer head is unchanged.
+
     The decisions and logits of the last forward are kept on the module (``layer_gates``,
     ``channel_gates``, ``layer_logits``, ``channel_logits``) for the sparsity losses and statistics.
     """
+
+    keep: int | None = None  # also what a gate pickled before top-k existed reads
 
     def __init__(
         self,
@@ -35,10 +41,15 @@ class Gate(nn.Module):
         hidden: int = 16,
         temperature: float = 1.0,
         init_bias: float = 3.0,
+        keep: int | None = None,
     ) -> None:
         super().__init__()
         if not (channel_head or layer_head):
             raise GatekitError("a Gate needs a channel head, a layer head or both.")
+        if keep is not None and not (channel_head and 1 <= keep <= channels):
+            raise GatekitError(
+                f"keep={keep!r}: a top-k gate keeps between 1 and its {channels} filters, and needs a channel head."
+            )
         self.in_channels, self.channels = in_channels, channels
         self.fc = nn.Linear(in_channels, hidden)
         self.channel_head = nn.Linear(hidden, channels) if channel_head else None
@@ -47,6 +58,7 @@ class Gate(nn.Module):
             if head is not None:
                 nn.init.zeros_(head.weight)
                 nn.init.constant_(head.bias, init_bias)
+        self.keep = keep  # filters kept per input by top-k, or None: each filter decided on its own
         self.temperature = temperature
         self.noise = 1.0  # scale of the training noise; gatekit.NoiseSchedule anneals it
         self.layer_logits: Tensor | None = None
@@ -57,6 +69,13 @@ class Gate(nn.Module):
     def _decide(self, logits: Tensor) -> Tensor:
         return gumbel_sigmoid(logits, self.temperature, noise=self.noise) if self.training else threshold(logits)
 
+    def _decide_channels(self, logits: Tensor) -> Tensor:
+        if self.keep is None:
+            return self._decide(logits)
+        if self.training:
+            return top_k_sigmoid(logits, self.keep, self.temperature, noise=self.noise)
+        return top_k(logits, self.keep)
+
     def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Return ``(channel_gates [B, channels] or None, layer_gates [B] or None)``, each 0 or 1."""
         if not self.training and not _exporting():  # the same decisions and records, half the operator calls
@@ -66,7 +85,7 @@ class Gate(nn.Module):
         self.channel_logits = self.channel_gates = self.layer_logits = self.layer_gates = None
         if self.channel_head is not None:
             self.channel_logits = self.channel_head(hidden)
-            self.channel_gates = self._decide(self.channel_logits)
+            self.channel_gates = self._decide_channels(self.channel_logits)
         if self.layer_head is not None:
             self.layer_logits = self.layer_head(hidden).squeeze(1)
             self.layer_gates = self._decide(self.layer_logits)
@@ -91,7 +110,8 @@ class Gate(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, noise={self.noise}"
+        keep = "" if self.keep is None else f", keep={self.keep}"
+        return f"temperature={self.temperature}, noise={self.noise}{keep}"
 
 
 def _exporting() -> bool:

@@ -30,6 +30,12 @@ def warm_start(
     of it, rather than discover the static part from scratch (docs/howto/finetune.md). Layer gates
     are left as they are (open, after :func:`gatekit.convert`).
 
+    With top-k channel gates (``gatekit.convert(..., channel_keep=...)``) the number of filters is
+    not warm_start's to choose: each block keeps its ``k`` filters with the largest ``scores``, the
+    ones top-k then keeps for every input, and the returned cost is the one ``channel_keep`` sets.
+    Above ``budget``, the layer gates have to close blocks for the rest (a ``MacBudgetLoss`` does);
+    without layer gates that cannot happen, and it is an error.
+
     Args:
         model: a model from :func:`gatekit.convert` with channel gates; changed in place.
         budget: the cost to start at, as a fraction of ``model.gatekit.dense_macs``, in (0, 1].
@@ -41,12 +47,14 @@ def warm_start(
         logit: magnitude of the head biases; at 3 the training noise flips 4.7 % of the decisions.
 
     Returns:
-        The cost of the started model as a fraction of the dense MACs (at most ``budget``).
+        The cost of the started model as a fraction of the dense MACs (at most ``budget``, except
+        with top-k channel gates: above).
 
     Raises:
         NotConvertedError: the model has no gates.
         GatekitError: no channel gates, a budget outside (0, 1] or below what one filter per block
-            costs, a non-positive ``logit``, or ``scores`` of the wrong blocks or shapes.
+            costs (with top-k channel gates and no layer gates: below what ``channel_keep`` costs), a
+            non-positive ``logit``, or ``scores`` of the wrong blocks or shapes.
 
     >>> gated = gatekit.convert(resnet, regularizer=gatekit.MacBudgetLoss(budget=0.5))  # doctest: +SKIP
     >>> gatekit.warm_start(gated, 0.5)  # doctest: +SKIP
@@ -72,7 +80,11 @@ def warm_start(
         scaled = sum(site.channel_macs * count / site.channels for site, count in zip(info.sites, counts))
         return (fixed + scaled) / info.dense_macs
 
-    counts = next((kept(step / _STEPS) for step in range(_STEPS, 0, -1) if cost(kept(step / _STEPS)) <= budget), None)
+    if any(gate.keep is not None for gate in gates.values()):
+        counts = [gates[site.name].keep or site.channels for site in info.sites]
+        _check_top_k_budget(cost(counts), budget, info)
+    else:
+        counts = next((kept(step / _STEPS) for step in range(_STEPS, 0, -1) if cost(kept(step / _STEPS)) <= budget), None)
     if counts is None:
         raise GatekitError(
             f"budget={budget} is below what the channel gates can reach with one filter per block "
@@ -88,6 +100,17 @@ def warm_start(
             head.weight.zero_()
             head.bias.copy_(bias)
     return cost(counts)
+
+
+def _check_top_k_budget(cost: float, budget: float, info) -> None:
+    """Top-k channel gates fix the channel cost; only layer gates could bring it under ``budget``."""
+    if cost > budget and "layer" not in info.mode:
+        raise GatekitError(
+            f"budget={budget}: with channel_keep={info.options.get('channel_keep')} every input keeps the "
+            f"same filters' worth of work, {cost:.3f} of the dense MACs, and gates={info.mode!r} has no "
+            f"layer gates to save the rest. Convert with a smaller channel_keep, or warm start at "
+            f"budget={math.ceil(cost * 1000) / 1000}."
+        )
 
 
 def _filter_scores(model: nn.Module, sites) -> dict[str, Tensor]:

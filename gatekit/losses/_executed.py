@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ..errors import GatekitError
 from ..gate import Gate
+from ..relaxation import top_k
 
 
 def check_forward(name: str, gate: Gate, *, empty_ok: bool = False) -> None:
@@ -45,8 +46,14 @@ def executed_channels(gate: Gate) -> Tensor | None:
 def open_probabilities(gate: Gate) -> tuple[Tensor | None, Tensor | None]:
     """Noise-free probabilities that each gate is on: (channel [B, C] or None, layer [B] or None).
 
-    Under the logistic noise of training, P(logit + noise > 0) = sigmoid(logit) exactly.
+    Under the logistic noise of training, P(logit + noise > 0) = sigmoid(logit) exactly. A top-k
+    channel gate (``gate.keep``) keeps a fixed number of filters whatever its logits: its channel
+    "probabilities" are its noise-free decisions, constant, so the expected cost is exact and has no
+    gradient to the channel head (only the layer gates move the cost).
     """
-    channel = torch.sigmoid(gate.channel_logits) if gate.channel_logits is not None else None
+    channel = None
+    if gate.channel_logits is not None:
+        logits = gate.channel_logits
+        channel = torch.sigmoid(logits) if gate.keep is None else top_k(logits.detach(), gate.keep)
     layer = torch.sigmoid(gate.layer_logits) if gate.layer_logits is not None else None
     return channel, layer
