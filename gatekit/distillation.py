@@ -137,7 +137,8 @@ class DistillationLoss:
             feature_teacher = teacher  # already gated: its gates are the user's to keep open
         except NotConvertedError:
             example = torch.zeros(info.input_shape, device=next(teacher.parameters()).device)
-            feature_teacher = convert(teacher, example_input=example, **{**info.options, "gates": "layer"}).eval()
+            options = {k: v for k, v in info.options.items() if k != "channel_keep"}  # layer gates only
+            feature_teacher = convert(teacher, example_input=example, **{**options, "gates": "layer"}).eval()
         if list(gates_of(feature_teacher)) != list(gates_of(student)):
             raise GatekitError(
                 "the teacher's gated blocks differ from the student's, so their features cannot be paired: "

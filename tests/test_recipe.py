@@ -184,6 +184,14 @@ def test_feature_distillation_matches_block_inputs_read_from_the_plain_models():
     assert not any(gate._forward_pre_hooks for gate in gatekit.gates_of(student).values())
 
 
+def test_feature_distillation_pairs_a_top_k_student_with_its_teacher():
+    teacher = get_model("cifar/resnet8").eval()
+    student = gatekit.convert(teacher, example_input=torch.randn(1, 3, 32, 32), channel_keep=0.5).train()
+    distill = gatekit.DistillationLoss(teacher, features=1.0, student=student)
+    batch = images()
+    assert torch.isfinite(distill(student(batch), batch))
+
+
 def test_feature_distillation_refuses_a_missing_or_plain_student():
     teacher = get_model("cifar/resnet8").eval()
     with pytest.raises(GatekitError, match="student="):
