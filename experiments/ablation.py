@@ -51,6 +51,12 @@ def rows(budget: float) -> list[tuple[str, str, list[str]]]:
                    controller + ["--warm-start", str(round(budget + 0.1, 3))]))
     result.append(("soft", "controller row, warm-start logits at ±0.5 instead of ±3: gates that can move",
                    controller + ["--warm-logit", "0.5"]))
+    keep, start = int(16 * budget) / 16, str(round(budget + 0.01, 3))  # whole sixteenths; + 0.01: the gates' MACs
+    fbs = ["--method", "channel", "--channel-keep", str(keep), "--budget", start, "--warm-start", start]
+    result.append(("fbs", f"top-k channel gates (FBS), {keep} of each block's filters, warm-started, noise-free, "
+                          f"distilled; no layer gates", fbs))
+    result.append(("fbs-soft", "top-k row, warm-start logits at ±0.5: top-k keeps the budget while gates move",
+                   fbs + ["--warm-logit", "0.5"]))
     result.append(("static", "reference: Torch-Pruning static (L1, uniform), same finetune and distillation",
                    ["--method", "static", "--static-fraction", str(budget), "--kd", "0.7"]))
     return result
@@ -117,14 +123,14 @@ def _differing_from_static_mask(checkpoint: Path, arguments: list[str], images) 
     if not warm:
         return None
     logit = _last_value(arguments, "--warm-logit", 3.0)
-    start = gatekit.convert(gatekit.load(DENSE), gates="channel+layer")
-    gatekit.warm_start(start, warm, logit=logit)
     model = gatekit.load(checkpoint).eval()
+    start = gatekit.convert(gatekit.load(DENSE), **model.gatekit.options)
+    gatekit.warm_start(start, warm, logit=logit)
     with torch.no_grad():
         model(images)
     differing, total = 0, 0
     for name, gate in gatekit.gates_of(model).items():
-        executed = gate.channel_gates * gate.layer_gates.unsqueeze(1)
+        executed = gate.channel_gates if gate.layer_gates is None else gate.channel_gates * gate.layer_gates.unsqueeze(1)
         mask = (gatekit.gates_of(start)[name].channel_head.bias > 0).to(executed.dtype)
         differing += int((executed != mask).sum())
         total += executed.numel()

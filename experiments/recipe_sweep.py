@@ -37,6 +37,9 @@ def plan(epochs: int) -> list[tuple[str, list[str]]]:
             (f"aig-t{level}", [*finetune, "--method", "layer", "--target", str(level), "--loss-weight", "10"]),
             (f"budget-b{level}", [*finetune, "--method", "dlcg", "--budget", str(level), "--warm-start", "0"]),
         ]
+    for keep in (0.625, 0.5, 0.25):  # top-k channel gates (FBS): whole sixteenths, exact k in every block
+        runs.append((f"fbs-k{keep}", [*finetune, "--method", "channel", "--channel-keep", str(keep),
+                                      "--budget", str(keep + 0.01)]))  # + 0.01: the gates' own MACs
     return runs
 
 
