@@ -4,9 +4,10 @@ Part 1, ResNet20 at 32x32, batch 1 (the deployment case of issue 15): dense; mas
 in eval mode, every gate open); masked with the fused eval gate of ``gatekit._fused_gate.eval_forward``
 in place of ``Gate.forward`` (what the proposed one-line hook in gate.py would give); sparse with every
 gate open; sparse with 4 and 5 of the 9 blocks closed for every input. "ideal x" is dense MACs /
-dynamic MACs. Part 2, published CIFAR-10 checkpoints (``results/cifar10/runs/``): compacted on the
-``val`` split (calibration), checked on ``test`` (held out), and timed at batch 1 on the test images,
-each call taking the next image: masked, sparse, compact + sparse.
+dynamic MACs. Part 2, the CIFAR-10 checkpoints of the earlier short sweep
+(``results/cifar10-short/runs/``), whose gates vary: compacted on the ``val`` split (calibration),
+checked on ``test`` (held out), and timed at batch 1 on the test images, each call taking the next
+image: masked, sparse, compact + sparse.
 
 Variants take turns within each repeat (benchmarks/_timing.py); ratios are medians of within-repeat
 ratios, which hold up when another job loads the machine. Part 3 prints torch.profiler's table of one
@@ -35,7 +36,7 @@ from gatekit._fused_gate import eval_forward
 from gatekit.adapters import get_model
 from gatekit.datasets import load_dataset
 
-RUNS = Path(__file__).parent.parent / "results" / "cifar10" / "runs"
+RUNS = Path(__file__).parent.parent / "results" / "cifar10-short" / "runs"
 CHECKPOINTS = (
     "dlcgraw-l0.015-c0.015", "dlcgraw-l0.006-c0.006", "dlcg-l0.006-c0.006", "channel-c0.015", "aig-t0.4", "budget-b0.4",
 )
