@@ -237,9 +237,7 @@ class GateSchedules:
 
     def load_state_dict(self, state: dict) -> None:
         for name, count in state.items():
-            schedule = getattr(self, name)
-            schedule.count = count - 1
-            schedule.step()
+            getattr(self, name).load_state_dict({"count": count})
 
 
 def augment(images: Tensor, generator: torch.Generator) -> Tensor:

@@ -14,6 +14,7 @@ import math
 
 from torch import nn
 
+from ._step_schedule import StepSchedule
 from .errors import GatekitError
 from .gated_model import gates_of
 
@@ -46,7 +47,7 @@ def linear_progress(count: int, delay: int, steps: int) -> float:
     return min(max((count - delay) / steps, 0.0), 1.0)
 
 
-class NoiseSchedule:
+class NoiseSchedule(StepSchedule):
     """Linear annealing of the training noise from ``start`` to ``end``: constant for ``delay`` calls
     of :meth:`step`, then over ``steps`` calls.
 
@@ -70,8 +71,6 @@ class NoiseSchedule:
         progress = linear_progress(self.count, self.delay, self.steps)
         return self.start + (self.end - self.start) * progress
 
-    def step(self) -> float:
-        """Advance one step, apply the new noise scale and return it."""
-        self.count += 1
+    def _apply(self) -> float:
         set_noise(self.model, self.noise)
         return self.noise

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._step_schedule import StepSchedule
 from .errors import GatekitError
 from .gated_model import info_of
 from .noise import linear_progress
 
 
-class SparsitySchedule:
+class SparsitySchedule(StepSchedule):
     """Ramp the ``pressure`` of the attached regularizers linearly from ``start`` to 1 over ``steps``
     calls of :meth:`step`.
 
@@ -45,12 +46,7 @@ class SparsitySchedule:
     def pressure(self) -> float:
         return self.start + (1.0 - self.start) * linear_progress(self.count, 0, self.steps)
 
-    def step(self) -> float:
-        """Advance one step, apply the new pressure and return it."""
-        self.count += 1
-        self._apply()
-        return self.pressure
-
-    def _apply(self) -> None:
+    def _apply(self) -> float:
         for loss in self.losses:
             loss.pressure = self.pressure
+        return self.pressure

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._step_schedule import StepSchedule
 from .errors import GatekitError
 from .gated_model import gates_of
 
@@ -19,7 +20,7 @@ def set_temperature(model: nn.Module, temperature: float) -> None:
         gate.temperature = float(temperature)
 
 
-class TemperatureSchedule:
+class TemperatureSchedule(StepSchedule):
     """Exponential annealing from ``start`` to ``end`` over ``steps`` calls of :meth:`step`.
 
     >>> schedule = TemperatureSchedule(gated, start=5.0, end=0.5, steps=1000)  # doctest: +SKIP
@@ -38,8 +39,6 @@ class TemperatureSchedule:
         progress = min(self.count, self.steps) / self.steps
         return self.start * (self.end / self.start) ** progress
 
-    def step(self) -> float:
-        """Advance one step, apply the new temperature and return it."""
-        self.count += 1
+    def _apply(self) -> float:
         set_temperature(self.model, self.temperature)
         return self.temperature

@@ -83,6 +83,24 @@ def test_sparsity_schedule_ramps_every_attached_loss_from_nothing_to_its_setting
     assert not hasattr(shaping, "pressure")
 
 
+@pytest.mark.parametrize("make, read", [
+    (lambda m: gatekit.TemperatureSchedule(m, start=5.0, end=0.5, steps=20), lambda m: gates_of(m)["layer1.0"].temperature),
+    (lambda m: gatekit.NoiseSchedule(m, steps=20, delay=3), lambda m: gates_of(m)["layer1.0"].noise),
+    (lambda m: gatekit.SparsitySchedule(m, steps=20), lambda m: m.gatekit.regularizer.pressure),
+])
+def test_a_schedule_resumes_from_its_state_dict_where_it_was(make, read):
+    original = gated_resnet8(regularizer=gatekit.SparsityLoss(layer=0.1))
+    schedule = make(original)
+    for _ in range(7):
+        schedule.step()
+    resumed_model = gated_resnet8(regularizer=gatekit.SparsityLoss(layer=0.1))
+    resumed = make(resumed_model)
+    assert read(resumed_model) != read(original)
+    resumed.load_state_dict(schedule.state_dict())
+    assert read(resumed_model) == read(original)  # applied on loading, before the next step
+    assert resumed.step() == schedule.step()
+
+
 def test_sparsity_schedule_needs_a_loss_it_can_ramp():
     with pytest.raises(GatekitError, match="pressure"):
         gatekit.SparsitySchedule(gated_resnet8(regularizer=gatekit.BatchShapingLoss()), steps=10)

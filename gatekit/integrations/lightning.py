@@ -25,7 +25,7 @@ from ..losses import gate_loss
 from ..macs import BlockCosts
 from ..noise import NoiseSchedule
 from ..sparsity_schedule import SparsitySchedule
-from ..temperature import TemperatureSchedule, set_temperature
+from ..temperature import TemperatureSchedule
 
 try:
     import lightning.pytorch as pl
@@ -236,8 +236,6 @@ class GateCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.temperature is not None and "temperature_steps" in state_dict:
-            self.temperature.count = state_dict["temperature_steps"]
-            set_temperature(self.temperature.model, self.temperature.temperature)
+            self.temperature.load_state_dict({"count": state_dict["temperature_steps"]})
         for schedule, count in zip(self.schedules, state_dict.get("schedule_steps", [])):
-            schedule.count = count - 1
-            schedule.step()  # applies the value of step ``count``
+            schedule.load_state_dict({"count": count})
