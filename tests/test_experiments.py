@@ -18,6 +18,7 @@ from gatekit.macs import static_macs
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "experiments")]
 
+import oracle_skip  # noqa: E402
 import pack_data  # noqa: E402
 import report  # noqa: E402
 import static_prune  # noqa: E402
@@ -172,3 +173,20 @@ def test_report_compares_methods_at_equal_macs_without_extrapolating(tmp_path):
     assert "| 50 | 72.86 | 88.00 |" in table  # 60 + (90 - 60) * (50 - 20) / (90 - 20)
     assert "| 40 | 68.57 | – |" in table
     assert "dense-resnet14 91.00 % at 65.0 %" in table
+
+
+def test_the_skipping_oracle_keeps_every_prediction_and_only_lowers_the_cost():
+    torch.manual_seed(0)
+    dense = get_model("cifar/resnet8").eval()
+    images = torch.randn(16, 3, 32, 32)
+    model = oracle_skip.layer_gated(dense, images[:1]).eval()
+    full_predictions, full_macs = oracle_skip.run(model, images, torch.ones(len(images), 3))
+    assert torch.equal(full_predictions, dense(images).argmax(1))
+    keep = oracle_skip.greedy_skip(model, images)
+    predictions, macs = oracle_skip.run(model, images, keep)
+    assert torch.equal(predictions, full_predictions)
+    assert (macs <= full_macs).all() and (macs < full_macs).any()
+    assert torch.equal(macs < full_macs, (keep == 0).any(1))  # a skipped block is a cheaper image
+    assert not any(gate._forward_hooks for gate in gatekit.gates_of(model).values())  # hooks removed
+    summary = oracle_skip.oracle(model, images)
+    assert summary["oracle_mean_macs"] == pytest.approx(float(macs.double().mean()))
