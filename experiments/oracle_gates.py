@@ -8,7 +8,7 @@ forcing). Then a common offset on every layer logit trades MACs for accuracy: ea
 offsets on the test sets, once::
 
     python experiments/oracle_gates.py results/cifar10/runs/static-f0.65/model.pt \\
-        --reference ../shared/models/cifar10_resnet20_dense.pt --out results/cifar10/oracle_gates.json
+        --reference ../shared/models/cifar10_resnet20_dense.pt --out results/cifar10/oracle_gates_static-f0.65.json
 """
 from __future__ import annotations
 
