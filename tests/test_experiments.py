@@ -18,6 +18,7 @@ from gatekit.macs import static_macs
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "experiments")]
 
+import oracle_gates  # noqa: E402
 import oracle_skip  # noqa: E402
 import pack_data  # noqa: E402
 import report  # noqa: E402
@@ -190,3 +191,23 @@ def test_the_skipping_oracle_keeps_every_prediction_and_only_lowers_the_cost():
     assert not any(gate._forward_hooks for gate in gatekit.gates_of(model).values())  # hooks removed
     summary = oracle_skip.oracle(model, images)
     assert summary["oracle_mean_macs"] == pytest.approx(float(macs.double().mean()))
+
+
+def test_gates_trained_on_the_oracle_fit_its_mask_and_leave_the_network_alone():
+    torch.manual_seed(0)
+    model = oracle_skip.layer_gated(get_model("cifar/resnet8").eval(), torch.zeros(1, 3, 32, 32)).eval()
+    images = torch.randn(32, 3, 32, 32)
+    keep = torch.tensor([[1.0, 0.0, 1.0]]).repeat(32, 1)  # a mask the gates can learn: block 2 always off
+    network = {k: v.clone() for k, v in model.state_dict().items() if "gatekit_gates" not in k}
+    with torch.no_grad():
+        before = torch.nn.functional.binary_cross_entropy_with_logits(
+            oracle_gates.teacher_forced_logits(model, images, keep), keep)
+    oracle_gates.train_gates(model, images, keep, epochs=5, batch_size=16)
+    with torch.no_grad():
+        after = torch.nn.functional.binary_cross_entropy_with_logits(
+            oracle_gates.teacher_forced_logits(model, images, keep), keep)
+    assert after < before / 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in network.items())
+    with torch.no_grad():
+        model(images)
+    assert torch.equal(gatekit.gates_of(model)["layer2.0"].layer_gates, torch.zeros(32))
