@@ -21,6 +21,7 @@ sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "experiments")]
 import oracle_gates  # noqa: E402
 import oracle_skip  # noqa: E402
 import pack_data  # noqa: E402
+import paper_schedule  # noqa: E402
 import report  # noqa: E402
 import static_prune  # noqa: E402
 import sweep  # noqa: E402
@@ -211,3 +212,24 @@ def test_gates_trained_on_the_oracle_fit_its_mask_and_leave_the_network_alone():
     with torch.no_grad():
         model(images)
     assert torch.equal(gatekit.gates_of(model)["layer2.0"].layer_gates, torch.zeros(32))
+
+
+def test_the_paper_schedule_runs_table_1_and_its_peers_from_scratch(tmp_path, monkeypatch):
+    runs = dict(paper_schedule.plan(400))
+    table_1 = [(float(a[a.index("--layer") + 1]), float(a[a.index("--channel") + 1])) for a in runs.values() if "--layer" in a]
+    assert table_1 == list(paper_schedule.TABLE_1) and len(table_1) == 9
+    assert all("--init" not in arguments and arguments[arguments.index("--epochs") + 1] == "400" for arguments in runs.values())
+    assert {"dense-resnet20", "dense-resnet14", "dense-resnet8"} <= set(runs)
+    # One epoch on a few batches, two runs side by side, as on the GPU but on the CPU.
+    try:
+        load_dataset("cifar10", split="val", limit=1)
+    except GatekitError as error:
+        pytest.skip(f"needs the CIFAR-10 data: {error}")
+    monkeypatch.setattr(sys, "argv", ["paper_schedule.py", "--out", str(tmp_path), "--epochs", "1", "--only",
+                                      "dense-resnet8", "dlcg-l0.05-c0.1", "--", "--train-images", "256", "--no-val",
+                                      "--device", "cpu", "--threads", "1"])
+    with pytest.raises(SystemExit) as exit_status:
+        paper_schedule.main()
+    assert exit_status.value.code == 0
+    for name in ("dense-resnet8", "dlcg-l0.05-c0.1"):
+        assert gatekit.load(tmp_path / "cifar10" / name / "model.pt") is not None
