@@ -22,6 +22,7 @@ from torch.nn import functional
 
 import gatekit
 from gatekit.datasets import load_dataset
+from gatekit.macs import static_macs
 from oracle_skip import greedy_skip, layer_gated
 
 OFFSETS = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -99,7 +100,7 @@ def main() -> None:
     torch.manual_seed(0)
     train_images = load_dataset("cifar10", split="train", limit=args.train_images).tensors[0]
     model = layer_gated(gatekit.load(args.checkpoint).eval(), train_images[:1]).eval()
-    reference = layer_gated(gatekit.load(args.reference).eval(), train_images[:1]).gatekit.dense_macs
+    reference = static_macs(gatekit.load(args.reference).eval(), train_images[:1])
     keep = greedy_skip(model, train_images)
     print(json.dumps({"oracle_blocks_skipped_mean": float((keep == 0).sum(1).double().mean())}), flush=True)
     train_gates(model, train_images, keep, args.epochs)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import gatekit
 from gatekit.datasets import load_dataset
+from gatekit.macs import static_macs
 
 
 def layer_gated(model: nn.Module, example: Tensor) -> nn.Module:
@@ -109,7 +110,7 @@ def main() -> None:
     images, labels = load_dataset(args.dataset, split=args.split, limit=args.images).tensors
     reference = None
     if args.reference:
-        reference = layer_gated(gatekit.load(args.reference).eval(), images[:1]).gatekit.dense_macs
+        reference = static_macs(gatekit.load(args.reference).eval(), images[:1])
     results = {}
     for checkpoint in args.checkpoints:
         model = layer_gated(gatekit.load(checkpoint).eval(), images[:1]).eval()
