@@ -26,7 +26,6 @@ METHOD_LABELS = {
     "dlcg": "DLCG (paper loss)", "dlcgraw": "DLCG (paper loss, raw channel rates)",
     "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
     "budget": "DLCG (MAC-budget loss)", "static": "Torch-Pruning static", "dense": "dense",
-    "fbs": "top-k channel gates (FBS)",
 }
 
 
@@ -34,7 +33,7 @@ METHOD_LABELS = {
 RECIPE_LABELS = {
     "dlcg": "DLCG (finetune recipe)", "channel": "channel gating (finetune recipe)",
     "aig": "ConvNet-AIG (finetune recipe)", "budget": "DLCG (budget loss, cold start)",
-    "static": "Torch-Pruning static (distilled)", "fbs": "top-k channel gates (FBS, finetune recipe)",
+    "static": "Torch-Pruning static (distilled)",
 }
 
 
