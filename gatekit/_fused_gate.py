@@ -1,10 +1,15 @@
-"""A gate's eval-mode decisions in six operator calls: pool, hidden layer, both heads in one product, threshold.
+"""A gate's eval-mode decisions in as few operator calls as possible: pool, hidden layer, both heads
+in one product, threshold.
 
 ``Gate.forward`` calls the channel head and the layer head as two modules and stores four records on
 itself through ``nn.Module.__setattr__``; at batch 1 that costs more than its arithmetic (53 µs
 against 12 µs on ResNet20's first block, docs/sparse.md). Sparse blocks use :class:`FusedGate`;
 :func:`eval_forward` is the same computation with the records ``Gate.forward`` keeps, for the gated
 model in eval mode.
+
+Where no gradient is needed, on float32 CPU tensors, the whole gate is one call into a small C
+kernel (``gatekit/_gate_kernel.c``, built at install time); elsewhere, and where it was not built,
+six torch operator calls compute the same up to float rounding.
 """
 from __future__ import annotations
 
@@ -17,17 +22,28 @@ from torch import Tensor
 from ._sliced import stamp_of
 from .relaxation import threshold, top_k
 
+try:
+    from . import _gate_kernel
+except ImportError:  # installed without a C compiler: the torch operators below do the same work
+    _gate_kernel = None
+
 if TYPE_CHECKING:  # gate.py may import this module for its eval-mode forward
     from .gate import Gate
 
+ALL_ON = "gatekit_all_on"  # set on decision tensors whose every entry is 1: applying them changes nothing
+
+
+def kernel_available() -> bool:
+    """Whether the C gate kernel was built (``pip install`` with a C compiler)."""
+    return _gate_kernel is not None
+
 
 class FusedGate:
-    """The eval-mode logits of ``gate``: ``[B, channels]`` then, with a layer head, ``[B, 1]`` joined.
+    """The eval-mode logits and decisions of ``gate``: ``[B, channels]`` then, with a layer head,
+    ``[B, 1]`` joined.
 
-    Six calls from Python (sum and divide, matrix product, ReLU, matrix product, compare), 19
-    operator calls inside ATen, against 63 for the ``Gate`` module: in a whole network each costs
-    about 6 µs at batch 1, twice what it costs in a microbenchmark loop (docs/sparse.md). Shares the
-    gate's parameters; the transposed and joined weights are rebuilt when one of them changes.
+    Shares the gate's parameters; the joined heads (and their transposes for the torch path) are
+    rebuilt when one of them changes.
     """
 
     def __init__(self, gate: Gate) -> None:
@@ -38,10 +54,19 @@ class FusedGate:
         self._weights: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._zero = torch.zeros(())
         self._divisor, self._positions = torch.ones(()), 1
+        # The C kernel reads the parameters themselves, so in-place edits need no cache check.
+        self._kernel_sources = [gate.fc._parameters] + [
+            {} if head is None else head._parameters for head in (gate.channel_head, gate.layer_head)
+        ]
+        self._kernel_pointers: list[int] = []  # the parameters' data pointers, as last checked
+        self._kernel_usable = False
+        self.in_features, self.hidden = gate.fc.in_features, gate.fc.out_features
+        self.channels = gate.channels if gate.channel_head is not None else 0
+        self.layered = gate.layer_head is not None
 
     def logits(self, x: Tensor) -> Tensor:
         """Channel logits, then the layer logit, per sample: what ``Gate.forward`` computes in eval
-        mode before thresholding."""
+        mode before thresholding. Torch operators only: differentiable, and seen by dispatch modes."""
         pooled = self._pool(x)
         fc_bias, fc_weight_t, heads_bias, heads_weight_t = self._prepared()
         # addmm, not addmv (2 µs faster still at batch 1): FlopCounterMode has no formula for addmv,
@@ -79,6 +104,59 @@ class FusedGate:
             decisions[:, :channels] = top_k(logits[:, :channels], gate.keep).bool()
         return decisions
 
+    def decision_bytes(self, x: Tensor) -> bytes:
+        """:meth:`decisions` on the host: one byte per decision (1 = on), row-major ``[B, outputs]``."""
+        if self.gate.keep is None and (layout := self.kernel_layout(x)) is not None:
+            return self.run_kernel(x, layout)[0]
+        bits = self.decisions(x)
+        return (bits if bits.is_cpu else bits.cpu()).numpy().tobytes()
+
+    def kernel_layout(self, x: Tensor) -> int | None:
+        """0 (contiguous) or 1 (channels last) where the C kernel may compute this gate on ``x``, else None.
+
+        Not under autograd (the kernel has no backward) nor under a dispatch or function mode
+        (``FlopCounterMode`` must see the gate's matrix products); float32 CPU tensors of the gate's
+        width only (another width takes the torch path, which raises the usual error).
+        """
+        if (
+            _gate_kernel is None or torch.is_grad_enabled() or type(x) is not Tensor or x.dtype != torch.float32
+            or not x.is_cpu or x.dim() < 3 or x.shape[1] != self.in_features or not x.numel()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or not self._parameters_usable()
+        ):
+            return None
+        if x.is_contiguous():
+            return 0
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return 1
+        return None
+
+    def _parameters_usable(self) -> bool:
+        """Whether every gate parameter is a contiguous float32 CPU tensor, rechecked when one of
+        them is replaced (moved, cast, or ``.data`` assigned)."""
+        pointers = [t.data_ptr() for layer in self._kernel_sources for t in layer.values() if t is not None]
+        if pointers != self._kernel_pointers:
+            tensors = [t for layer in self._kernel_sources for t in layer.values() if t is not None]
+            self._kernel_usable = all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors)
+            self._kernel_pointers = pointers
+        return self._kernel_usable
+
+    def run_kernel(self, x: Tensor, layout: int, outputs: tuple[Tensor | None, ...] = (None,) * 4
+                   ) -> tuple[bytes, bool, bool]:
+        """The C kernel on ``x``, after :meth:`kernel_layout` gave its ``layout``: returns the decision
+        bytes, whether every channel decision is on, whether every layer decision is on. Fills those
+        of ``outputs`` given (channel logits and gates ``[B, channels]``, layer logits and gates
+        ``[B]``, float32, contiguous)."""
+        fc, channel, layer = self._kernel_sources
+        shape = x.shape
+        return _gate_kernel.decide(
+            x.data_ptr(), _pointer(fc.get("weight")), _pointer(fc.get("bias")),
+            _pointer(channel.get("weight")), _pointer(channel.get("bias")),
+            _pointer(layer.get("weight")), _pointer(layer.get("bias")),
+            *[_pointer(output) for output in outputs],
+            shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels, layout,
+        )
+
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]
         stamp = stamp_of(tensors)
@@ -91,6 +169,10 @@ class FusedGate:
         return self._weights
 
 
+def _pointer(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
 _SPATIAL = {3: (2,), 4: (2, 3), 5: (2, 3, 4)}
 
 
@@ -99,11 +181,35 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
 
     The records are set in the instance dict: ``nn.Module.__setattr__`` checks its parameter,
     buffer and module dicts on every assignment, and a plain tensor attribute ends up there anyway.
+    Decisions that are all 1 carry ``ALL_ON``, so that applying them can be skipped.
     """
     fused = gate.__dict__.get("_gatekit_fused")
     if fused is None or fused.gate is not gate:  # a copy of a gate carries its original's
         fused = gate.__dict__["_gatekit_fused"] = FusedGate(gate)
-    logits = fused.logits(x)
+    layout = fused.kernel_layout(x)
+    if layout is None:
+        return _records_from_logits(gate, fused.logits(x))
+    batch, channels = x.shape[0], fused.channels
+    records = dict(channel_logits=None, channel_gates=None, layer_logits=None, layer_gates=None)
+    if channels:
+        records.update(channel_logits=x.new_empty((batch, channels)))
+        if gate.keep is None:
+            records.update(channel_gates=x.new_empty((batch, channels)))
+    if fused.layered:
+        records.update(layer_logits=x.new_empty((batch,)), layer_gates=x.new_empty((batch,)))
+    _, channels_on, layer_on = fused.run_kernel(x, layout, tuple(records.values()))
+    if channels and gate.keep is not None:
+        records["channel_gates"] = top_k(records["channel_logits"], gate.keep)
+    elif channels_on and channels:
+        setattr(records["channel_gates"], ALL_ON, True)
+    if layer_on and fused.layered:
+        setattr(records["layer_gates"], ALL_ON, True)
+    gate.__dict__.update(records)
+    return records["channel_gates"], records["layer_gates"]
+
+
+def _records_from_logits(gate: Gate, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``Gate.forward``'s eval-mode records from the joined logits of the torch path."""
     decisions = threshold(logits)
     split = gate.channels if gate.channel_head is not None else 0
     records = dict(channel_logits=None, channel_gates=None, layer_logits=None, layer_gates=None)

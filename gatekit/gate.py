@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ._fused_gate import eval_forward
+from ._fused_gate import ALL_ON, eval_forward
 from .errors import GatekitError
 from .relaxation import gumbel_sigmoid, threshold, top_k, top_k_sigmoid
 
@@ -123,6 +123,8 @@ def _exporting() -> bool:
 def apply_channel_gate(x: Tensor, gates: Tensor, channel_dim: int = 1) -> Tensor:
     """Multiply channel ``c`` of sample ``b`` by ``gates[b, c]``; channels are dimension 1 of an
     N, C, ... tensor, or with ``channel_dim=-1`` the last one (a linear layer's features)."""
+    if getattr(gates, ALL_ON, False):  # every gate open, found by the no-grad eval path: x * 1 is x
+        return x
     if channel_dim == 1:
         return x * gates.view(gates.shape + (1,) * (x.dim() - 2))
     return x * gates.view(gates.shape[:1] + (1,) * (x.dim() - 2) + gates.shape[1:])
@@ -131,4 +133,6 @@ def apply_channel_gate(x: Tensor, gates: Tensor, channel_dim: int = 1) -> Tensor
 @fx.wrap
 def apply_layer_gate(x: Tensor, gates: Tensor) -> Tensor:
     """Multiply sample ``b`` of a residual branch by ``gates[b]``."""
+    if getattr(gates, ALL_ON, False):
+        return x
     return x * gates.view(gates.shape + (1,) * (x.dim() - 1))

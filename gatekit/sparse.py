@@ -123,8 +123,8 @@ class SparseBlock(nn.Module):
     that execute the block. Without it, returns the branch output at full batch size, zeros for
     skipped samples (a zero scalar when the whole batch skips the block).
 
-    Per call it pays one pooling, two matrix products and one copy of the decisions to the host
-    (:class:`FusedGate`); channel sets come from a table keyed by the decision bytes, and a set that
+    Per call it pays one gate computation, which hands the decisions to the host as bytes (one call
+    into the C gate kernel where it applies, :class:`FusedGate`); channel sets come from a table keyed by the decision bytes, and a set that
     keeps every channel runs the branch's layers as they are (docs/sparse.md, "Where the time goes").
     """
 
@@ -145,17 +145,16 @@ class SparseBlock(nn.Module):
         if x.shape[0] == 0:
             return self._skipped(shortcut, x)
         # The only host round trip of the block: shapes depend on the decisions.
-        bits = self.fused.decisions(x)
+        bits = self.fused.decision_bytes(x)
         if x.shape[0] == 1:  # the common deployment case, in as few operator calls as possible
-            row = bits.tolist()[0]  # two operator calls; a NumPy view costs four
-            if self.layer_gated and not row[-1]:
+            if self.layer_gated and not bits[-1]:
                 return self._skipped(shortcut, x)
             if self.channels:
-                output = self.branch.forward(x, self._set_of(bytes(row[: self.channels]), x), None)
+                output = self.branch.forward(x, self._set_of(bits[: self.channels], x), None)
             else:
                 output = self.branch.forward(x)
             return output if shortcut is None else output + shortcut
-        decisions = bits.numpy() if bits.is_cpu else bits.cpu().numpy()  # a view on a CPU
+        decisions = np.frombuffer(bits, dtype=bool).reshape(x.shape[0], -1)
         return self._run_batch(x, shortcut, decisions)
 
     def _run_batch(self, x: Tensor, shortcut: Tensor | None, decisions: np.ndarray) -> Tensor:
