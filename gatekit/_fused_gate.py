@@ -106,56 +106,41 @@ class FusedGate:
 
     def decision_bytes(self, x: Tensor) -> bytes:
         """:meth:`decisions` on the host: one byte per decision (1 = on), row-major ``[B, outputs]``."""
-        if self.gate.keep is None and (layout := self.kernel_layout(x)) is not None:
-            return self.run_kernel(x, layout)[0]
+        if self.gate.keep is None and (call := self.kernel_call(x)) is not None:
+            return _gate_kernel.decide(*call, 0, 0, 0, 0, *self.sizes_of(x))[0]
         bits = self.decisions(x)
         return (bits if bits.is_cpu else bits.cpu()).numpy().tobytes()
 
-    def kernel_layout(self, x: Tensor) -> int | None:
-        """0 (contiguous) or 1 (channels last) where the C kernel may compute this gate on ``x``, else None.
+    def kernel_call(self, x: Tensor) -> list[int] | None:
+        """The data pointers of ``x`` and the gate's parameters (0 for a missing one) where the C
+        kernel may compute this gate on ``x``, else None.
 
         Not under autograd (the kernel has no backward) nor under a dispatch or function mode
         (``FlopCounterMode`` must see the gate's matrix products); float32 CPU tensors of the gate's
-        width only (another width takes the torch path, which raises the usual error).
+        width, contiguous or channels last, only (another width takes the torch path, which raises
+        the usual error).
         """
         if (
             _gate_kernel is None or torch.is_grad_enabled() or type(x) is not Tensor or x.dtype != torch.float32
             or not x.is_cpu or x.dim() < 3 or x.shape[1] != self.in_features or not x.numel()
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or not self._parameters_usable()
+            or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
         ):
             return None
-        if x.is_contiguous():
-            return 0
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return 1
-        return None
-
-    def _parameters_usable(self) -> bool:
-        """Whether every gate parameter is a contiguous float32 CPU tensor, rechecked when one of
-        them is replaced (moved, cast, or ``.data`` assigned)."""
-        pointers = [t.data_ptr() for layer in self._kernel_sources for t in layer.values() if t is not None]
-        if pointers != self._kernel_pointers:
-            tensors = [t for layer in self._kernel_sources for t in layer.values() if t is not None]
-            self._kernel_usable = all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors)
+        parameters = [layer.get(name) for layer in self._kernel_sources for name in ("weight", "bias")]
+        pointers = [0 if t is None else t.data_ptr() for t in parameters]
+        if pointers != self._kernel_pointers:  # a parameter was replaced (moved, cast, `.data` assigned)
+            self._kernel_usable = all(
+                t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in parameters
+            )
             self._kernel_pointers = pointers
-        return self._kernel_usable
+        return [x.data_ptr(), *pointers] if self._kernel_usable else None
 
-    def run_kernel(self, x: Tensor, layout: int, outputs: tuple[Tensor | None, ...] = (None,) * 4
-                   ) -> tuple[bytes, bool, bool]:
-        """The C kernel on ``x``, after :meth:`kernel_layout` gave its ``layout``: returns the decision
-        bytes, whether every channel decision is on, whether every layer decision is on. Fills those
-        of ``outputs`` given (channel logits and gates ``[B, channels]``, layer logits and gates
-        ``[B]``, float32, contiguous)."""
-        fc, channel, layer = self._kernel_sources
+    def sizes_of(self, x: Tensor) -> tuple[int, ...]:
+        """The kernel's size arguments for ``x``."""
         shape = x.shape
-        return _gate_kernel.decide(
-            x.data_ptr(), _pointer(fc.get("weight")), _pointer(fc.get("bias")),
-            _pointer(channel.get("weight")), _pointer(channel.get("bias")),
-            _pointer(layer.get("weight")), _pointer(layer.get("bias")),
-            *[_pointer(output) for output in outputs],
-            shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels, layout,
-        )
+        channels_last = not x.is_contiguous()  # kernel_call allowed only these two layouts
+        return shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels, channels_last
 
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]
@@ -167,10 +152,6 @@ class FusedGate:
                 self._weights = (tensors[1], tensors[0].t(), heads_bias, heads_weight.t())
             self._stamp = stamp
         return self._weights
-
-
-def _pointer(tensor: Tensor | None) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
 
 
 _SPATIAL = {3: (2,), 4: (2, 3), 5: (2, 3, 4)}
@@ -186,26 +167,29 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     fused = gate.__dict__.get("_gatekit_fused")
     if fused is None or fused.gate is not gate:  # a copy of a gate carries its original's
         fused = gate.__dict__["_gatekit_fused"] = FusedGate(gate)
-    layout = fused.kernel_layout(x)
-    if layout is None:
+    call = fused.kernel_call(x)
+    if call is None:
         return _records_from_logits(gate, fused.logits(x))
     batch, channels = x.shape[0], fused.channels
-    records = dict(channel_logits=None, channel_gates=None, layer_logits=None, layer_gates=None)
+    channel_logits = channel_gates = layer_logits = layer_gates = None
     if channels:
-        records.update(channel_logits=x.new_empty((batch, channels)))
+        channel_logits = x.new_empty((batch, channels))
         if gate.keep is None:
-            records.update(channel_gates=x.new_empty((batch, channels)))
+            channel_gates = x.new_empty((batch, channels))
     if fused.layered:
-        records.update(layer_logits=x.new_empty((batch,)), layer_gates=x.new_empty((batch,)))
-    _, channels_on, layer_on = fused.run_kernel(x, layout, tuple(records.values()))
+        layer_logits, layer_gates = x.new_empty((batch,)), x.new_empty((batch,))
+    outputs = [0 if t is None else t.data_ptr() for t in (channel_logits, channel_gates, layer_logits, layer_gates)]
+    _, channels_on, layer_on = _gate_kernel.decide(*call, *outputs, *fused.sizes_of(x))
     if channels and gate.keep is not None:
-        records["channel_gates"] = top_k(records["channel_logits"], gate.keep)
+        channel_gates = top_k(channel_logits, gate.keep)
     elif channels_on and channels:
-        setattr(records["channel_gates"], ALL_ON, True)
-    if layer_on and fused.layered:
-        setattr(records["layer_gates"], ALL_ON, True)
-    gate.__dict__.update(records)
-    return records["channel_gates"], records["layer_gates"]
+        setattr(channel_gates, ALL_ON, True)
+    if layer_on and layer_gates is not None:
+        setattr(layer_gates, ALL_ON, True)
+    gate.__dict__.update(
+        channel_logits=channel_logits, channel_gates=channel_gates, layer_logits=layer_logits, layer_gates=layer_gates
+    )
+    return channel_gates, layer_gates
 
 
 def _records_from_logits(gate: Gate, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:

@@ -63,7 +63,9 @@ def test_profile_reproduces_the_reported_accuracy_and_macs(folder, dataset):
                              batch_size=500)
     expected = reported(folder, run)["test"]
     assert report.accuracy == pytest.approx(expected["accuracy"], abs=1e-9)
-    assert report.mean_macs == pytest.approx(expected["mean_macs"], rel=1e-9)
+    # The figures were made with torch's operators in the gates; the C gate kernel rounds differently,
+    # and 1 of Fashion-MNIST's 3.45 million decisions, whose logit is 2.4e-7, flips (docs/sparse.md).
+    assert report.mean_macs == pytest.approx(expected["mean_macs"], rel=1e-4)
 
 
 @pytest.mark.parametrize("run", ["dlcg-b0.65", "static-f0.65"])
