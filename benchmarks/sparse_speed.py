@@ -169,7 +169,8 @@ def _solve_gate(gate: gatekit.Gate, site: gatekit.GateSite, plan: Plan, pooled: 
     target = -torch.ones(GROUPS, hidden, dtype=torch.float64)
     target[:, :GROUPS] += 2 * torch.eye(GROUPS, dtype=torch.float64)  # unit g: +1 for group g, -1 otherwise
     solution = torch.linalg.pinv(design) @ target
-    gate.fc.weight.data = solution[:-1].T.float()
+    # Contiguous, as trained weights are: the C gate kernel reads only contiguous parameters.
+    gate.fc.weight.data = solution[:-1].T.float().contiguous()
     gate.fc.bias.data = solution[-1].float()
     channel_logits = torch.full((site.channels, hidden), 0.0)
     channel_logits[:, :GROUPS] = -LOGIT

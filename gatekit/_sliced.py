@@ -3,6 +3,9 @@
 Each takes ``(x, channels)``: ``channels`` is a :class:`ChannelSet`, and ``x`` holds only its
 channels. A set holding every channel (``index`` None) runs the layer as it is: nothing sliced,
 looked up or allocated. The sliced weights of the last few sets are cached (see :class:`WeightCache`).
+
+On the batch-1 path, layers and tensors are read from ``_modules``, ``_parameters`` and ``_buffers``:
+``nn.Module.__getattr__`` costs about 0.7 µs a lookup, and a sliced layer made several.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ class ChannelSet:
 
 
 def _conv(conv: nn.modules.conv._ConvNd, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    convolve = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
-    return convolve(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+    return _CONVOLUTIONS[weight.dim()](x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+_CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by the weight's number of dimensions
 
 
 def _output_spatial(conv: nn.modules.conv._ConvNd, x: Tensor) -> torch.Size:
@@ -54,9 +59,12 @@ def can_slice(conv: nn.modules.conv._ConvNd) -> bool:
 Derived = tuple[Tensor | None, ...]
 
 
-def stamp_of(tensors: Sequence[Tensor | None]) -> tuple[tuple[int, int], ...]:
+def stamp_of(tensors: Sequence[Tensor | None]) -> list[tuple[int, int]]:
     """Storage and version of each tensor: changes when one is edited in place or replaced."""
-    return tuple((t.data_ptr(), _version(t)) for t in tensors if t is not None)
+    try:
+        return [(t.data_ptr(), t._version) for t in tensors if t is not None]
+    except RuntimeError:  # an inference tensor, which keeps no version
+        return [(t.data_ptr(), _version(t)) for t in tensors if t is not None]
 
 
 class WeightCache:
@@ -72,7 +80,7 @@ class WeightCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self.entries: OrderedDict[bytes, Derived] = OrderedDict()
-        self.stamp: tuple[tuple[int, int], ...] = ()
+        self.stamp: list[tuple[int, int]] = []
 
     def get(self, sources: tuple[Tensor | None, ...], key: bytes, compute: Callable[[], Derived]) -> Derived:
         """The entry for ``key``, made by ``compute`` unless kept since ``sources`` last changed."""
@@ -124,12 +132,14 @@ class OutputSlicedConv(nn.Module):
         self.cache = WeightCache(cache_size)
 
     def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
-        conv = self.conv
+        conv = self._modules["conv"]
+        parameters = conv._parameters
         if channels.index is None:
-            return conv._conv_forward(x, conv.weight, conv.bias)
+            return conv._conv_forward(x, parameters["weight"], parameters["bias"])
         if channels.count == 0:
             return _no_channel_output(conv, x, 0, None)
-        weight, bias = self.cache.get((conv.weight, conv.bias), channels.key, lambda: self._slice(channels.index))
+        sources = (parameters["weight"], parameters["bias"])
+        weight, bias = self.cache.get(sources, channels.key, lambda: self._slice(channels.index))
         return _conv(conv, x, weight, bias, channels.count if self.depthwise else 1)
 
     def _slice(self, active: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -190,13 +200,14 @@ class InputSlicedConv(nn.Module):
         self.cache = WeightCache(cache_size)
 
     def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
-        conv = self.conv
+        conv = self._modules["conv"]
+        parameters = conv._parameters
         if channels.index is None:
-            return conv._conv_forward(x, conv.weight, conv.bias)
+            return conv._conv_forward(x, parameters["weight"], parameters["bias"])
         if channels.count == 0:  # every input channel is zero
-            return _no_channel_output(conv, x, conv.out_channels, conv.bias)
-        (weight,) = self.cache.get((conv.weight,), channels.key, lambda: self._slice(channels.index))
-        return _conv(conv, x, weight, conv.bias, 1)
+            return _no_channel_output(conv, x, conv.out_channels, parameters["bias"])
+        (weight,) = self.cache.get((parameters["weight"],), channels.key, lambda: self._slice(channels.index))
+        return conv._conv_forward(x, weight, parameters["bias"])
 
     def _slice(self, active: Tensor) -> tuple[Tensor]:
         return (_laid_out_like(self.conv.weight, self.conv.weight.index_select(1, active)),)
@@ -278,14 +289,14 @@ class SlicedBatchNorm(nn.Module):
         self.cache = WeightCache(cache_size)
 
     def forward(self, x: Tensor, channels: ChannelSet) -> Tensor:
-        norm = self.norm
-        if channels.index is None:
-            return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-        if channels.count == 0:  # batch norm refuses zero channels, and there is nothing to normalise
-            return x
-        sources = (norm.running_mean, norm.running_var, norm.weight, norm.bias)
-        mean, var, weight, bias = self.cache.get(sources, channels.key, lambda: _selected(sources, channels.index))
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, norm.eps)
+        norm = self._modules["norm"]
+        buffers, parameters = norm._buffers, norm._parameters
+        sources = (buffers["running_mean"], buffers["running_var"], parameters["weight"], parameters["bias"])
+        if channels.index is not None:
+            if channels.count == 0:  # batch norm refuses zero channels, and there is nothing to normalise
+                return x
+            sources = self.cache.get(sources, channels.key, lambda: _selected(sources, channels.index))
+        return F.batch_norm(x, *sources, False, 0.0, norm.eps)
 
 
 def _selected(tensors: tuple[Tensor | None, ...], active: Tensor) -> Derived:
