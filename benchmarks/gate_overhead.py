@@ -1,9 +1,8 @@
 """What gating costs at batch 1 on a CPU, and what gatekit.compact saves on trained checkpoints.
 
 Part 1, ResNet20 at 32x32, batch 1 (the deployment case of issue 15): dense; masked (the gated model
-in eval mode, every gate open); masked with the fused eval gate of ``gatekit._fused_gate.eval_forward``
-in place of ``Gate.forward`` (what the proposed one-line hook in gate.py would give); sparse with every
-gate open; sparse with 4 and 5 of the 9 blocks closed for every input. "ideal x" is dense MACs /
+in eval mode, every gate open); sparse with every gate open; sparse with 4 and 5 of the 9 blocks closed
+for every input. "ideal x" is dense MACs /
 dynamic MACs. Part 2, the CIFAR-10 checkpoints of the earlier short sweep
 (``results/cifar10-short/runs/``), whose gates vary: compacted on the ``val`` split (calibration),
 checked on ``test`` (held out), and timed at batch 1 on the test images, each call taking the next
@@ -32,7 +31,6 @@ from torch import nn
 
 import gatekit
 from _timing import paired_ratio, time_interleaved
-from gatekit._fused_gate import eval_forward
 from gatekit.adapters import get_model
 from gatekit.datasets import load_dataset
 
@@ -67,11 +65,8 @@ def part_one(repeats: int) -> dict:
     torch.manual_seed(0)
     dense = get_model("cifar/resnet20").eval()
     gated = gatekit.convert(dense).eval()
-    hooked = gatekit.convert(dense).eval()
-    for gate in gatekit.gates_of(hooked).values():
-        gate.forward = eval_forward.__get__(gate)  # the proposed hook, on this copy only
     image = torch.randn(1, 3, 32, 32)
-    variants = {"dense": dense, "masked": gated, "masked+fused gate": hooked, "sparse, all open": gatekit.sparse(gated)}
+    variants = {"dense": dense, "masked": gated, "sparse, all open": gatekit.sparse(gated)}
     ideals = {"sparse, all open": ideal_speedup(gated, image)}
     for label, blocks in CLOSED.items():
         closed = closed_copy(gated, blocks)
@@ -79,8 +74,7 @@ def part_one(repeats: int) -> dict:
         ideals[f"sparse, {label} closed"] = ideal_speedup(closed, image)
     with torch.inference_mode():
         reference = gated(image)
-        for name in ("masked+fused gate", "sparse, all open"):
-            torch.testing.assert_close(variants[name](image), reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(variants["sparse, all open"](image), reference, atol=1e-4, rtol=1e-4)
         calls = {name: (lambda model=model: model(image)) for name, model in variants.items()}
         for call in calls.values():
             call()

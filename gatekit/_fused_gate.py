@@ -106,14 +106,14 @@ class FusedGate:
 
     def decision_bytes(self, x: Tensor) -> bytes:
         """:meth:`decisions` on the host: one byte per decision (1 = on), row-major ``[B, outputs]``."""
-        if self.gate.keep is None and (call := self.kernel_call(x)) is not None:
-            return _gate_kernel.decide(*call, 0, 0, 0, 0, *self.sizes_of(x))[0]
+        if self.gate.keep is None and (arguments := self.kernel_arguments(x)) is not None:
+            return _gate_kernel.decide(*arguments)[0]
         bits = self.decisions(x)
         return (bits if bits.is_cpu else bits.cpu()).numpy().tobytes()
 
-    def kernel_call(self, x: Tensor) -> list[int] | None:
-        """The data pointers of ``x`` and the gate's parameters (0 for a missing one) where the C
-        kernel may compute this gate on ``x``, else None.
+    def kernel_arguments(self, x: Tensor) -> list[int] | None:
+        """The C kernel's arguments for ``x`` (data pointers, then sizes; outputs may follow) where
+        it may compute this gate on ``x``, else None.
 
         Not under autograd (the kernel has no backward) nor under a dispatch or function mode
         (``FlopCounterMode`` must see the gate's matrix products); float32 CPU tensors of the gate's
@@ -122,25 +122,28 @@ class FusedGate:
         """
         if (
             _gate_kernel is None or torch.is_grad_enabled() or type(x) is not Tensor or x.dtype != torch.float32
-            or not x.is_cpu or x.dim() < 3 or x.shape[1] != self.in_features or not x.numel()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
+            or not x.is_cpu or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
         ):
             return None
-        parameters = [layer.get(name) for layer in self._kernel_sources for name in ("weight", "bias")]
+        shape = x.shape
+        if len(shape) < 3 or shape[1] != self.in_features or not x.numel():
+            return None
+        channels_last = not x.is_contiguous()
+        if channels_last and not (len(shape) == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+            return None
+        fc, channel, layer = self._kernel_sources
+        parameters = [fc["weight"], fc.get("bias"), channel.get("weight"), channel.get("bias"),
+                      layer.get("weight"), layer.get("bias")]
         pointers = [0 if t is None else t.data_ptr() for t in parameters]
         if pointers != self._kernel_pointers:  # a parameter was replaced (moved, cast, `.data` assigned)
             self._kernel_usable = all(
                 t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in parameters
             )
             self._kernel_pointers = pointers
-        return [x.data_ptr(), *pointers] if self._kernel_usable else None
-
-    def sizes_of(self, x: Tensor) -> tuple[int, ...]:
-        """The kernel's size arguments for ``x``."""
-        shape = x.shape
-        channels_last = not x.is_contiguous()  # kernel_call allowed only these two layouts
-        return shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels, channels_last
+        if not self._kernel_usable:
+            return None
+        return [x.data_ptr(), *pointers, shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels,
+                channels_last]
 
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]
@@ -167,8 +170,8 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     fused = gate.__dict__.get("_gatekit_fused")
     if fused is None or fused.gate is not gate:  # a copy of a gate carries its original's
         fused = gate.__dict__["_gatekit_fused"] = FusedGate(gate)
-    call = fused.kernel_call(x)
-    if call is None:
+    arguments = fused.kernel_arguments(x)
+    if arguments is None:
         return _records_from_logits(gate, fused.logits(x))
     batch, channels = x.shape[0], fused.channels
     channel_logits = channel_gates = layer_logits = layer_gates = None
@@ -179,7 +182,7 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     if fused.layered:
         layer_logits, layer_gates = x.new_empty((batch,)), x.new_empty((batch,))
     outputs = [0 if t is None else t.data_ptr() for t in (channel_logits, channel_gates, layer_logits, layer_gates)]
-    _, channels_on, layer_on = _gate_kernel.decide(*call, *outputs, *fused.sizes_of(x))
+    _, channels_on, layer_on = _gate_kernel.decide(*arguments, *outputs)
     if channels and gate.keep is not None:
         channel_gates = top_k(channel_logits, gate.keep)
     elif channels_on and channels:

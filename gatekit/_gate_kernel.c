@@ -78,11 +78,11 @@ static void linear(const float *weight, const float *bias, const float *values, 
 
 PyDoc_STRVAR(decide_doc,
 "decide(x, fc_weight, fc_bias, channel_weight, channel_bias, layer_weight, layer_bias,\n"
-"       channel_logits, channel_gates, layer_logits, layer_gates,\n"
-"       batch, in_channels, positions, hidden, channels, channels_last)\n"
+"       batch, in_channels, positions, hidden, channels, channels_last\n"
+"       [, channel_logits, channel_gates, layer_logits, layer_gates])\n"
 "\n"
-"The first eleven are data pointers (int) of contiguous float32 buffers; 0 for a missing bias, a\n"
-"missing head (channels=0, or layer_weight=0) or an output not wanted. x is [batch, in_channels,\n"
+"Data pointers (int) of contiguous float32 buffers, then sizes, then optional output pointers; 0 for\n"
+"a missing bias, a missing head (channels=0, or layer_weight=0) or an output not wanted. x is [batch, in_channels,\n"
 "positions], or [batch, positions, in_channels] with channels_last; fc_weight [hidden, in_channels];\n"
 "channel_weight [channels, hidden]; layer_weight [1, hidden]. Writes the logits and the decisions\n"
 "(1.0 where a logit is positive, else 0.0): channel ones [batch, channels], layer ones [batch].\n"
@@ -91,13 +91,14 @@ PyDoc_STRVAR(decide_doc,
 
 static PyObject *decide(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "decide() takes 17 arguments");
+    if (nargs != 13 && nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "decide() takes 13 or 17 arguments");
         return NULL;
     }
-    void *pointers[11];
+    void *pointers[11] = {NULL};
     Py_ssize_t sizes[6];
-    if (read_pointers(args, 0, 11, pointers) < 0 || read_sizes(args, 11, 6, sizes) < 0) return NULL;
+    if (read_pointers(args, 0, 7, pointers) < 0 || read_sizes(args, 7, 6, sizes) < 0) return NULL;
+    if (nargs == 17 && read_pointers(args, 13, 4, pointers + 7) < 0) return NULL;
     const float *x = pointers[0], *fc_weight = pointers[1], *fc_bias = pointers[2];
     const float *channel_weight = pointers[3], *channel_bias = pointers[4];
     const float *layer_weight = pointers[5], *layer_bias = pointers[6];

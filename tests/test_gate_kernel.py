@@ -50,7 +50,7 @@ def test_kernel_records_equal_the_torch_path(heads, layout, batch):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert FusedGate(gate).kernel_call(x) is not None
+        assert FusedGate(gate).kernel_arguments(x) is not None
     fast, reference = records(gate, x, grad=False), records(gate, x, grad=True)
     assert reference[2] is None or reference[2].grad_fn is not None  # with autograd: the torch path
     for got, want in zip(fast, reference):
@@ -71,17 +71,17 @@ def test_kernel_runs_only_where_it_may():
     fused = FusedGate(gate)
     x = torch.randn(2, 12, 4, 4)
     with torch.no_grad():
-        assert fused.kernel_call(x) is not None
-        assert fused.kernel_call(x.transpose(2, 3)) is None  # neither contiguous nor channels last
-        assert fused.kernel_call(x.double()) is None
-        assert fused.kernel_call(x[:, :6]) is None  # the wrong width: the torch path raises
+        assert fused.kernel_arguments(x) is not None
+        assert fused.kernel_arguments(x.transpose(2, 3)) is None  # neither contiguous nor channels last
+        assert fused.kernel_arguments(x.double()) is None
+        assert fused.kernel_arguments(x[:, :6]) is None  # the wrong width: the torch path raises
         with pytest.raises(RuntimeError):
             gate(x[:, :6])
         with FlopCounterMode(display=False) as counter:  # a dispatch mode must see the matrix products
-            assert fused.kernel_call(x) is None
+            assert fused.kernel_arguments(x) is None
             gate(x)
         assert counter.get_total_flops() == 2 * 2 * gate.macs
-    assert fused.kernel_call(x) is None  # autograd on: the kernel has no backward
+    assert fused.kernel_arguments(x) is None  # autograd on: the kernel has no backward
     with torch.no_grad():
         torch.testing.assert_close(records(gate, x.transpose(2, 3), grad=False)[2],
                                    records(gate, x.transpose(2, 3), grad=True)[2].detach())
@@ -97,7 +97,7 @@ def test_kernel_sees_edited_and_replaced_parameters():
         gate.layer_head.bias.data = torch.full((1,), 100.0)  # replaced
         assert gate(x)[1].all()
         gate.fc.weight.data = gate.fc.weight.data.t().contiguous().t()  # a layout the kernel cannot read
-        assert FusedGate(gate).kernel_call(x) is None
+        assert FusedGate(gate).kernel_arguments(x) is None
         torch.testing.assert_close(records(gate, x, grad=False)[2], records(gate, x, grad=True)[2].detach())
 
 
