@@ -1,8 +1,9 @@
 """What gating costs at batch 1 on a CPU, and what gatekit.compact saves on trained checkpoints.
 
 Part 1, ResNet20 at 32x32, batch 1 (the deployment case of issue 15): dense; masked (the gated model
-in eval mode, every gate open); sparse with every gate open; sparse with 4 and 5 of the 9 blocks closed
-for every input. "ideal x" is dense MACs /
+in eval mode, every gate open); masked with each gate returning its decisions computed beforehand (the
+floor: what calling a gate costs when it computes nothing); sparse with every gate open; sparse with 4
+and 5 of the 9 blocks closed for every input. "ideal x" is dense MACs /
 dynamic MACs. Part 2, the CIFAR-10 checkpoints of the earlier short sweep
 (``results/cifar10-short/runs/``), whose gates vary: compacted on the ``val`` split (calibration),
 checked on ``test`` (held out), and timed at batch 1 on the test images, each call taking the next
@@ -61,12 +62,41 @@ def ideal_speedup(gated: nn.Module, image: torch.Tensor) -> float:
     return gated.gatekit.dense_macs / gatekit.dynamic_macs(gated).item()
 
 
+class Precomputed(nn.Module):
+    """Returns what ``gate`` returned on its first call, whatever the input: a gate that computes nothing."""
+
+    def __init__(self, gate: gatekit.Gate, example: torch.Tensor) -> None:
+        super().__init__()
+        with torch.inference_mode():
+            self.decisions = gate(example)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.decisions
+
+
+def precomputed_copy(gated: nn.Module, image: torch.Tensor) -> nn.Module:
+    """A copy of ``gated`` whose gates are :class:`Precomputed` on their inputs for ``image``."""
+    copied = gatekit.convert(get_model("cifar/resnet20").eval()).eval()
+    copied.load_state_dict(gated.state_dict())
+    inputs = {}
+    hooks = [gate.register_forward_pre_hook(lambda module, args, key=key: inputs.__setitem__(key, args[0]))
+             for key, gate in copied.gatekit_gates.items()]
+    with torch.inference_mode():
+        copied(image)
+    for hook in hooks:
+        hook.remove()
+    for key, gate in list(copied.gatekit_gates.items()):
+        copied.gatekit_gates[key] = Precomputed(gate, inputs[key])
+    return copied
+
+
 def part_one(repeats: int) -> dict:
     torch.manual_seed(0)
     dense = get_model("cifar/resnet20").eval()
     gated = gatekit.convert(dense).eval()
     image = torch.randn(1, 3, 32, 32)
-    variants = {"dense": dense, "masked": gated, "sparse, all open": gatekit.sparse(gated)}
+    variants = {"dense": dense, "masked": gated, "masked, gates precomputed": precomputed_copy(gated, image),
+                "sparse, all open": gatekit.sparse(gated)}
     ideals = {"sparse, all open": ideal_speedup(gated, image)}
     for label, blocks in CLOSED.items():
         closed = closed_copy(gated, blocks)
@@ -74,7 +104,8 @@ def part_one(repeats: int) -> dict:
         ideals[f"sparse, {label} closed"] = ideal_speedup(closed, image)
     with torch.inference_mode():
         reference = gated(image)
-        torch.testing.assert_close(variants["sparse, all open"](image), reference, atol=1e-4, rtol=1e-4)
+        for name in ("masked, gates precomputed", "sparse, all open"):
+            torch.testing.assert_close(variants[name](image), reference, atol=1e-4, rtol=1e-4)
         calls = {name: (lambda model=model: model(image)) for name, model in variants.items()}
         for call in calls.values():
             call()
@@ -164,7 +195,7 @@ def main() -> None:
     first = part_one(args.repeats)
     for row in first["rows"]:
         extra = f"  ideal {row['ideal']:.2f}x, {100 * row['of_ideal']:.0f}% of ideal" if "ideal" in row else ""
-        print(f"{row['variant']:<24} {row['ms']:7.2f} ms  {row['over_dense']:5.3f} x dense{extra}", flush=True)
+        print(f"{row['variant']:<26} {row['ms']:7.2f} ms  {row['over_dense']:5.3f} x dense{extra}", flush=True)
     second = part_two(max(5, args.repeats // 4), args.timed_images, tuple(args.runs))
     profile_table = part_three()
     print(profile_table)
