@@ -136,14 +136,23 @@ class FusedGate:
                       layer.get("weight"), layer.get("bias")]
         pointers = [0 if t is None else t.data_ptr() for t in parameters]
         if pointers != self._kernel_pointers:  # a parameter was replaced (moved, cast, `.data` assigned)
-            self._kernel_usable = all(
-                t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()) for t in parameters
-            )
+            self._kernel_usable = self._readable(parameters)
             self._kernel_pointers = pointers
         if not self._kernel_usable:
             return None
         return [x.data_ptr(), *pointers, shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels,
                 channels_last]
+
+    def _readable(self, parameters: list[Tensor | None]) -> bool:
+        """Whether the kernel may read ``parameters`` (fc, channel head, layer head; weight then
+        bias): contiguous float32 CPU tensors of the shapes it assumes. Anything else, even a
+        replacement of another shape, takes the torch path, which raises where shapes disagree."""
+        hidden, channels = self.hidden, self.channels
+        shapes = [(hidden, self.in_features), (hidden,), (channels, hidden), (channels,), (1, hidden), (1,)]
+        return parameters[0] is not None and all(
+            t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and tuple(t.shape) == shape)
+            for t, shape in zip(parameters, shapes)
+        )
 
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]

@@ -99,6 +99,13 @@ def test_kernel_sees_edited_and_replaced_parameters():
         gate.fc.weight.data = gate.fc.weight.data.t().contiguous().t()  # a layout the kernel cannot read
         assert FusedGate(gate).kernel_arguments(x) is None
         torch.testing.assert_close(records(gate, x, grad=False)[2], records(gate, x, grad=True)[2].detach())
+    gate = random_gate("channel+layer")
+    with torch.no_grad():
+        assert FusedGate(gate).kernel_arguments(x) is not None
+        gate.channel_head.weight.data = torch.randn(3, 16)  # a shape the kernel would read past
+        assert FusedGate(gate).kernel_arguments(x) is None
+        with pytest.raises((RuntimeError, IndexError)):  # the torch path finds the shapes disagree
+            gate(x)
 
 
 @needs_kernel

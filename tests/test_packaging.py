@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("build")
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def build_wheel(tmp_path_factory, environment: dict[str, str] | None = None) -> Path:
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source)
@@ -31,9 +30,18 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
     out = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(source)],
-                   check=True, capture_output=True, text=True)
+                   check=True, capture_output=True, text=True, env=environment)
     (path,) = out.glob("gatekit-*.whl")
     return path
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory)
+
+
+def has_c_compiler() -> bool:
+    return shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is not None
 
 
 def installed_package(init: Path) -> str:
@@ -51,8 +59,15 @@ def test_wheel_holds_every_package_the_licence_and_the_version(wheel):
     for module in ("gatekit/adapters/cifar_resnet.py", "gatekit/integrations/lightning.py", "gatekit/export.py"):
         assert module in names
     assert not any(name.startswith(("tests/", "adapters/", "benchmarks/")) for name in names)
-    if shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]):  # the C gate kernel, compiled
+    if has_c_compiler():  # the C gate kernel, compiled
         assert any(name.startswith("gatekit/_gate_kernel.") and name.endswith((".so", ".pyd")) for name in names)
+
+
+def test_a_wheel_builds_without_a_c_compiler_and_leaves_the_kernel_out(tmp_path_factory):
+    wheel = build_wheel(tmp_path_factory, {**os.environ, "CC": "false"})  # every compile fails
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "gatekit/gate.py" in names
+    assert not any(name.endswith((".so", ".pyd")) for name in names)  # the gates then use torch's operators
     dist_info = f"gatekit-{gatekit.__version__}.dist-info"
     assert f"{dist_info}/licenses/LICENSE" in names
     metadata = email.message_from_bytes(zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA"))
@@ -88,9 +103,11 @@ def test_wheel_installs_into_a_fresh_venv_and_the_command_runs(wheel, tmp_path):
     # Appended after the venv's own site-packages, so the wheel's gatekit wins over an editable one.
     Path(site_packages, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     environment = {**os.environ, "PYTHONPATH": ""}
-    where = subprocess.run([str(python), "-c", "import gatekit; print(gatekit.__file__, gatekit.__version__)"],
-                           check=True, capture_output=True, text=True, cwd=tmp_path, env=environment).stdout
+    where = subprocess.run(
+        [str(python), "-c", "import gatekit, gatekit._fused_gate as f; print(gatekit.__file__, gatekit.__version__, "
+         "f.kernel_available())"], check=True, capture_output=True, text=True, cwd=tmp_path, env=environment).stdout
     assert where.startswith(site_packages) and where.split()[1] == gatekit.__version__
+    assert where.split()[2] == str(has_c_compiler())  # the wheel's own kernel loads
     command = venv / "bin" / "gatekit"
     usage = subprocess.run([str(command), "--help"], check=True, capture_output=True, text=True, cwd=tmp_path,
                            env=environment).stdout
