@@ -75,6 +75,8 @@ def test_kernel_runs_only_where_it_may():
         assert fused.kernel_arguments(x.transpose(2, 3)) is None  # neither contiguous nor channels last
         assert fused.kernel_arguments(x.double()) is None
         assert fused.kernel_arguments(x[:, :6]) is None  # the wrong width: the torch path raises
+        assert fused.kernel_arguments(x[1:]) is not None  # contiguous at an offset into its storage
+        torch.testing.assert_close(records(gate, x[1:], grad=False)[2], records(gate, x[1:], grad=True)[2].detach())
         with pytest.raises(RuntimeError):
             gate(x[:, :6])
         with FlopCounterMode(display=False) as counter:  # a dispatch mode must see the matrix products
