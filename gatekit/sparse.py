@@ -103,6 +103,14 @@ class SparseModel(fx.GraphModule):
             raise GatekitError("a sparse model is for inference; finetune the gated model instead.")
         return self
 
+    def __reduce__(self) -> tuple:
+        # fx would pickle the generated code and trace it again on loading, through the sparse
+        # blocks' host-side decisions, which a trace cannot follow.
+        raise GatekitError(
+            "a sparse model cannot be pickled (torch.save included): save the gated model with "
+            "`gatekit.save(gated, path)`, and after `gatekit.load(path)` call `gatekit.sparse` again."
+        )
+
 
 def _refuse_training(modules: list[tuple[str, nn.Module]], model: nn.Module, inputs: tuple) -> None:
     if not any(module.training for _, module in modules):  # every call: the cheap check first

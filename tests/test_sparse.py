@@ -1,4 +1,7 @@
 """Sparse execution: the same outputs as the masked model, and exactly the profiler's MACs."""
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -82,6 +85,15 @@ def test_extremes_all_open_all_closed_and_no_channel_left():
         torch.testing.assert_close(gatekit.sparse(gated)(images), gated(images), atol=1e-5, rtol=1e-5)
         set_gates(gated, layer=True, channels=0)  # blocks run, every filter off: the branch is bn2(0)
         torch.testing.assert_close(gatekit.sparse(gated)(images), gated(images), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_copies_but_refuses_pickling_with_the_fix():
+    gated, images = gated_zoo_model("cifar/resnet8")
+    fast = gatekit.sparse(gated)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(fast)(images), fast(images))
+    with pytest.raises(gatekit.GatekitError, match="gatekit.save"):
+        torch.save(fast, io.BytesIO())
 
 
 def test_sparse_shares_weights_and_is_inference_only():
