@@ -48,16 +48,15 @@ class FusedGate:
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        heads = [head for head in (gate.channel_head, gate.layer_head) if head is not None]
-        self._sources: list[dict[str, Tensor]] = [gate.fc._parameters] + [head._parameters for head in heads]
-        self._stamp: tuple[tuple[int, int], ...] = ()
+        # The parameter dicts of fc, the channel head and the layer head ({} for a missing head).
+        self._layers: list[dict[str, Tensor]] = [gate.fc._parameters] + [
+            {} if head is None else head._parameters for head in (gate.channel_head, gate.layer_head)
+        ]
+        self._stamp: list[tuple[int, int]] = []
         self._weights: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._zero = torch.zeros(())
         self._divisor, self._positions = torch.ones(()), 1
         # The C kernel reads the parameters themselves, so in-place edits need no cache check.
-        self._kernel_sources = [gate.fc._parameters] + [
-            {} if head is None else head._parameters for head in (gate.channel_head, gate.layer_head)
-        ]
         self._kernel_pointers: list[int] = []  # the parameters' data pointers, as last checked
         self._kernel_usable = False
         self.in_features, self.hidden = gate.fc.in_features, gate.fc.out_features
@@ -131,7 +130,7 @@ class FusedGate:
         channels_last = not x.is_contiguous()
         if channels_last and not (len(shape) == 4 and x.is_contiguous(memory_format=torch.channels_last)):
             return None
-        fc, channel, layer = self._kernel_sources
+        fc, channel, layer = self._layers
         parameters = [fc["weight"], fc.get("bias"), channel.get("weight"), channel.get("bias"),
                       layer.get("weight"), layer.get("bias")]
         pointers = [0 if t is None else t.data_ptr() for t in parameters]
@@ -155,7 +154,7 @@ class FusedGate:
         )
 
     def _prepared(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        tensors = [layer[name] for layer in self._sources for name in ("weight", "bias")]
+        tensors = [layer[name] for layer in self._layers if layer for name in ("weight", "bias")]
         stamp = stamp_of(tensors)
         if stamp != self._stamp or self._weights is None:
             with torch.no_grad():

@@ -141,8 +141,7 @@ class SparseBlock(nn.Module):
         super().__init__()
         self.gate, self.branch, self.strategy = gate, branch, strategy
         self.fused = FusedGate(gate)
-        self.channels = gate.channels if gate.channel_head is not None else 0
-        self.layer_gated = gate.layer_head is not None
+        self.channels, self.layer_gated = self.fused.channels, self.fused.layered
         self._sets: dict[bytes, ChannelSet] = {}
 
     def train(self, mode: bool = True) -> SparseBlock:
