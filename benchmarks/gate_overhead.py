@@ -22,6 +22,7 @@ Usage (repository root)::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -51,8 +52,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def closed_copy(gated: nn.Module, blocks: tuple[str, ...]) -> nn.Module:
     """A copy of ``gated`` whose listed blocks are closed for every input, the others open."""
-    closed = gatekit.convert(get_model("cifar/resnet20").eval()).eval()
-    closed.load_state_dict(gated.state_dict())
+    closed = copy.deepcopy(gated)
     for name, gate in gatekit.gates_of(closed).items():
         if name in blocks:
             gate.layer_head.bias.data.fill_(-50.0)
@@ -79,8 +79,7 @@ class Precomputed(nn.Module):
 
 def precomputed_copy(gated: nn.Module, image: torch.Tensor) -> nn.Module:
     """A copy of ``gated`` whose gates are :class:`Precomputed` on their inputs for ``image``."""
-    copied = gatekit.convert(get_model("cifar/resnet20").eval()).eval()
-    copied.load_state_dict(gated.state_dict())
+    copied = copy.deepcopy(gated)
     inputs = {}
     hooks = [gate.register_forward_pre_hook(lambda module, args, key=key: inputs.__setitem__(key, args[0]))
              for key, gate in copied.gatekit_gates.items()]
@@ -98,7 +97,7 @@ def part_one(repeats: int) -> dict:
     dense = get_model("cifar/resnet20").eval()
     gated = gatekit.convert(dense).eval()
     image = torch.randn(1, 3, 32, 32)
-    bound = gatekit.convert(dense).eval()
+    bound = copy.deepcopy(gated)
     _bind_called_modules(bound)
     variants = {"dense": dense, "masked": gated, "masked, gates precomputed": precomputed_copy(gated, image),
                 "masked, module calls bound": bound, "sparse, all open": gatekit.sparse(gated)}
