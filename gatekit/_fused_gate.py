@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # gate.py may import this module for its eval-mode forward
     from .gate import Gate
 
 ALL_ON = "gatekit_all_on"  # set on decision tensors whose every entry is 1: applying them changes nothing
+PENDING = "_gatekit_pending"  # a gate's kernel logits whose records are not built yet (see eval_forward)
 
 
 def kernel_available() -> bool:
@@ -59,6 +60,7 @@ class FusedGate:
         # The C kernel reads the parameters themselves, so in-place edits need no cache check.
         self._kernel_pointers: list[int] = []  # the parameters' data pointers, as last checked
         self._kernel_usable = False
+        self._uniform: dict[tuple[bool, int, int], Tensor] = {}  # (on, batch, width): see uniform_decisions
         self.in_features, self.hidden = gate.fc.in_features, gate.fc.out_features
         self.channels = gate.channels if gate.channel_head is not None else 0
         self.layered = gate.layer_head is not None
@@ -106,7 +108,7 @@ class FusedGate:
     def decision_bytes(self, x: Tensor) -> bytes:
         """:meth:`decisions` on the host: one byte per decision (1 = on), row-major ``[B, outputs]``."""
         if self.gate.keep is None and (arguments := self.kernel_arguments(x)) is not None:
-            return _gate_kernel.decide(*arguments)[0]
+            return _gate_kernel.decide(*arguments)[1]
         bits = self.decisions(x)
         return (bits if bits.is_cpu else bits.cpu()).numpy().tobytes()
 
@@ -142,6 +144,25 @@ class FusedGate:
         return [x.data_ptr(), *pointers, shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels,
                 channels_last]
 
+    def uniform_decisions(self, batch: int, width: int, on_count: int) -> Tensor | None:
+        """Shared decisions ``[batch, width]`` (``[batch]`` for width 0) when ``on_count`` says they
+        are all 1 (marked ``ALL_ON``) or all 0, else None. Reused from call to call until something
+        writes to one (its version counter moves), hence made outside inference mode."""
+        size = batch * max(width, 1)
+        if on_count not in (0, size):
+            return None
+        key = (on_count == size, batch, width)
+        shared = self._uniform.get(key)
+        if shared is None or shared._version:
+            with torch.inference_mode(False):
+                shared = torch.full((batch, width) if width else (batch,), float(key[0]), dtype=torch.float32)
+            if key[0]:
+                setattr(shared, ALL_ON, True)
+            if len(self._uniform) >= 8:  # batch sizes come and go: keep the last few
+                self._uniform.clear()
+            self._uniform[key] = shared
+        return shared
+
     def _readable(self, parameters: list[Tensor | None]) -> bool:
         """Whether the kernel may read ``parameters`` (fc, channel head, layer head; weight then
         bias): contiguous float32 CPU tensors of the shapes it assumes. Anything else, even a
@@ -171,9 +192,12 @@ _SPATIAL = {3: (2,), 4: (2, 3), 5: (2, 3, 4)}
 def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """What ``Gate.forward`` returns and records in eval mode, through the gate's :class:`FusedGate`.
 
-    The records are set in the instance dict: ``nn.Module.__setattr__`` checks its parameter,
-    buffer and module dicts on every assignment, and a plain tensor attribute ends up there anyway.
-    Decisions that are all 1 carry ``ALL_ON``, so that applying them can be skipped.
+    On the kernel path the records (logits and decisions) are built only when read: a model in eval
+    mode is mostly run for its output, and four tensors per gate cost more at batch 1 than the gate's
+    arithmetic. Decisions that are the same for the whole batch are returned as shared tensors, so
+    a forward whose gates all agree allocates nothing; all-on ones carry ``ALL_ON``, so that applying
+    them is skipped. Records are set in the instance dict: ``nn.Module.__setattr__`` checks its
+    parameter, buffer and module dicts on every assignment.
     """
     fused = gate.__dict__.get("_gatekit_fused")
     if fused is None or fused.gate is not gate:  # a copy of a gate carries its original's
@@ -181,30 +205,32 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     arguments = fused.kernel_arguments(x)
     if arguments is None:
         return _records_from_logits(gate, fused.logits(x))
+    logits, _, channels_on, layers_on = _gate_kernel.decide(*arguments)
     batch, channels = x.shape[0], fused.channels
-    channel_logits = channel_gates = layer_logits = layer_gates = None
-    if channels:
-        channel_logits = x.new_empty((batch, channels))
-        if gate.keep is None:
-            channel_gates = x.new_empty((batch, channels))
-    if fused.layered:
-        layer_logits, layer_gates = x.new_empty((batch,)), x.new_empty((batch,))
-    outputs = [0 if t is None else t.data_ptr() for t in (channel_logits, channel_gates, layer_logits, layer_gates)]
-    _, channels_on, layer_on = _gate_kernel.decide(*arguments, *outputs)
-    if channels and gate.keep is not None:
-        channel_gates = top_k(channel_logits, gate.keep)
-    elif channels_on and channels:
-        setattr(channel_gates, ALL_ON, True)
-    if layer_on and layer_gates is not None:
-        setattr(layer_gates, ALL_ON, True)
-    gate.__dict__.update(
-        channel_logits=channel_logits, channel_gates=channel_gates, layer_logits=layer_logits, layer_gates=layer_gates
-    )
-    return channel_gates, layer_gates
+    channel_gates = fused.uniform_decisions(batch, channels, channels_on) if channels and gate.keep is None else None
+    layer_gates = fused.uniform_decisions(batch, 0, layers_on) if fused.layered else None
+    if (channel_gates is not None or not channels) and (layer_gates is not None or not fused.layered):
+        gate.__dict__[PENDING] = (logits, batch)
+        return channel_gates, layer_gates
+    records = _records_from_logits(gate, _logits_tensor(logits, batch))
+    return (records[0] if channel_gates is None else channel_gates), (records[1] if layer_gates is None else layer_gates)
+
+
+def build_pending_records(gate: Gate) -> None:
+    """Build the records of ``gate``'s last kernel forward, if they are still pending."""
+    pending = gate.__dict__.pop(PENDING, None)
+    if pending is not None:
+        _records_from_logits(gate, _logits_tensor(*pending))
+
+
+def _logits_tensor(logits: bytes, batch: int) -> Tensor:
+    # bytearray: torch.frombuffer warns on a read-only buffer, and the records may be written to.
+    return torch.frombuffer(bytearray(logits), dtype=torch.float32).view(batch, -1)
 
 
 def _records_from_logits(gate: Gate, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """``Gate.forward``'s eval-mode records from the joined logits of the torch path."""
+    """``Gate.forward``'s eval-mode records from the joined logits (channel logits, then the layer
+    logit); returns the decisions."""
     decisions = threshold(logits)
     split = gate.channels if gate.channel_head is not None else 0
     records = dict(channel_logits=None, channel_gates=None, layer_logits=None, layer_gates=None)
@@ -214,5 +240,6 @@ def _records_from_logits(gate: Gate, logits: Tensor) -> tuple[Tensor | None, Ten
         records.update(channel_logits=channel_logits, channel_gates=channel_gates)
     if gate.layer_head is not None:
         records.update(layer_logits=logits[:, split], layer_gates=decisions[:, split])
+    gate.__dict__.pop(PENDING, None)
     gate.__dict__.update(records)
     return records["channel_gates"], records["layer_gates"]

@@ -78,32 +78,28 @@ static void linear(const float *weight, const float *bias, const float *values, 
 
 PyDoc_STRVAR(decide_doc,
 "decide(x, fc_weight, fc_bias, channel_weight, channel_bias, layer_weight, layer_bias,\n"
-"       batch, in_channels, positions, hidden, channels, channels_last\n"
-"       [, channel_logits, channel_gates, layer_logits, layer_gates])\n"
+"       batch, in_channels, positions, hidden, channels, channels_last)\n"
 "\n"
-"Data pointers (int) of contiguous float32 buffers, then sizes, then optional output pointers; 0 for\n"
-"a missing bias, a missing head (channels=0, or layer_weight=0) or an output not wanted. x is [batch, in_channels,\n"
-"positions], or [batch, positions, in_channels] with channels_last; fc_weight [hidden, in_channels];\n"
-"channel_weight [channels, hidden]; layer_weight [1, hidden]. Writes the logits and the decisions\n"
-"(1.0 where a logit is positive, else 0.0): channel ones [batch, channels], layer ones [batch].\n"
-"Returns (bits, channels_on, layer_on): one byte per decision (1 = on), row-major [batch, channels\n"
-"+ 1 with a layer head]; whether every channel decision is on; whether every layer decision is on.");
+"Data pointers (int) of contiguous float32 buffers, then sizes; 0 for a missing bias or a missing\n"
+"head (channels=0, or layer_weight=0). x is [batch, in_channels, positions], or [batch, positions,\n"
+"in_channels] with channels_last; fc_weight [hidden, in_channels]; channel_weight [channels, hidden];\n"
+"layer_weight [1, hidden].\n"
+"Returns (logits, bits, channels_on, layers_on): the logits as float32 bytes and the decisions as\n"
+"one byte each (1 where the logit is positive), both row-major [batch, channels + 1 with a layer\n"
+"head]; how many channel decisions and how many layer decisions are on.");
 
 static PyObject *decide(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 13 && nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "decide() takes 13 or 17 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "decide() takes 13 arguments");
         return NULL;
     }
-    void *pointers[11] = {NULL};
+    void *pointers[7];
     Py_ssize_t sizes[6];
     if (read_pointers(args, 0, 7, pointers) < 0 || read_sizes(args, 7, 6, sizes) < 0) return NULL;
-    if (nargs == 17 && read_pointers(args, 13, 4, pointers + 7) < 0) return NULL;
     const float *x = pointers[0], *fc_weight = pointers[1], *fc_bias = pointers[2];
     const float *channel_weight = pointers[3], *channel_bias = pointers[4];
     const float *layer_weight = pointers[5], *layer_bias = pointers[6];
-    float *channel_logits = pointers[7], *channel_gates = pointers[8];
-    float *layer_logits = pointers[9], *layer_gates = pointers[10];
     const Py_ssize_t batch = sizes[0], in_channels = sizes[1], positions = sizes[2], hidden = sizes[3];
     const Py_ssize_t channels = sizes[4], channels_last = sizes[5];
     const int layered = layer_weight != NULL;
@@ -112,17 +108,20 @@ static PyObject *decide(PyObject *module, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     const Py_ssize_t row = channels + layered;
+    PyObject *logit_bytes = PyBytes_FromStringAndSize(NULL, batch * row * (Py_ssize_t)sizeof(float));
     PyObject *bits = PyBytes_FromStringAndSize(NULL, batch * row);
-    if (bits == NULL) return NULL;
-    float *scratch = malloc(sizeof(float) * (size_t)(in_channels + hidden + channels + 1));
-    if (scratch == NULL) {
-        Py_DECREF(bits);
-        return PyErr_NoMemory();
+    float *scratch = malloc(sizeof(float) * (size_t)(in_channels + hidden));
+    if (logit_bytes == NULL || bits == NULL || scratch == NULL) {
+        Py_XDECREF(logit_bytes);
+        Py_XDECREF(bits);
+        free(scratch);
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
-    float *pooled = scratch, *hidden_values = scratch + in_channels, *logits = hidden_values + hidden;
+    float *pooled = scratch, *hidden_values = scratch + in_channels;
+    float *logits = (float *)PyBytes_AS_STRING(logit_bytes);
     char *bit = PyBytes_AS_STRING(bits);
-    int channels_on = 1, layer_on = 1;
-    for (Py_ssize_t b = 0; b < batch; b++, bit += row) {
+    Py_ssize_t channels_on = 0, layers_on = 0;
+    for (Py_ssize_t b = 0; b < batch; b++, bit += row, logits += row) {
         average_pool(x + b * in_channels * positions, in_channels, positions, (int)channels_last, pooled);
         linear(fc_weight, fc_bias, pooled, in_channels, hidden, hidden_values);
         for (Py_ssize_t j = 0; j < hidden; j++)
@@ -130,21 +129,16 @@ static PyObject *decide(PyObject *module, PyObject *const *args, Py_ssize_t narg
         linear(channel_weight, channel_bias, hidden_values, hidden, channels, logits);
         if (layered) linear(layer_weight, layer_bias, hidden_values, hidden, 1, logits + channels);
         for (Py_ssize_t k = 0; k < row; k++) {
-            const int on = logits[k] > 0.0f;
+            const int on = logits[k] > 0.0f; /* a NaN logit is off, as `logits > 0` in torch */
             bit[k] = (char)on;
-            if (k < channels) {
-                channels_on &= on;
-                if (channel_logits != NULL) channel_logits[b * channels + k] = logits[k];
-                if (channel_gates != NULL) channel_gates[b * channels + k] = (float)on;
-            } else {
-                layer_on &= on;
-                if (layer_logits != NULL) layer_logits[b] = logits[k];
-                if (layer_gates != NULL) layer_gates[b] = (float)on;
-            }
+            if (k < channels)
+                channels_on += on;
+            else
+                layers_on += on;
         }
     }
     free(scratch);
-    return Py_BuildValue("(NOO)", bits, channels_on ? Py_True : Py_False, layer_on ? Py_True : Py_False);
+    return Py_BuildValue("(NNnn)", logit_bytes, bits, channels_on, layers_on);
 }
 
 static PyMethodDef methods[] = {

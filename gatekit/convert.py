@@ -16,6 +16,7 @@ from ._tracing import trace_model
 from ._shapes import propagate_shapes
 from ._canonical import canonicalize
 from ._internal import internal_errors
+from ._module_lookups import hoist_module_lookups
 from .blocks import GateSite, discover
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
@@ -110,7 +111,7 @@ def convert(
             _insert_gate(graph_module.graph, nodes, site, channel_head, layer_head)
     with internal_errors("checking the gated graph", "its nodes"):
         graph_module.graph.lint()
-        graph_module.recompile()
+        hoist_module_lookups(graph_module)
     attach_info(graph_module, GatekitInfo(
         mode=gates,
         sites=tuple(sites),

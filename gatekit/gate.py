@@ -9,9 +9,26 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ._fused_gate import ALL_ON, eval_forward
+from ._fused_gate import ALL_ON, PENDING, build_pending_records, eval_forward
 from .errors import GatekitError
 from .relaxation import gumbel_sigmoid, threshold, top_k, top_k_sigmoid
+
+
+def _record(name: str) -> property:
+    """A property for one of a gate's records of its last forward: built first where pending."""
+
+    def read(gate: Gate) -> Tensor | None:
+        if PENDING in gate.__dict__:
+            build_pending_records(gate)
+        return gate.__dict__.get(name)
+
+    def write(gate: Gate, value: Tensor | None) -> None:
+        if PENDING in gate.__dict__:  # the other records stay those of the last forward
+            build_pending_records(gate)
+        gate.__dict__[name] = value
+
+    # Kept in the instance dict under their own names, as gates pickled before they were properties keep them.
+    return property(read, write, doc=f"``{name}`` of the last forward, or None.")
 
 
 class Gate(nn.Module):
@@ -27,6 +44,7 @@ class Gate(nn.Module):
 
     The decisions and logits of the last forward are kept on the module (``layer_gates``,
     ``channel_gates``, ``layer_logits``, ``channel_logits``) for the sparsity losses and statistics.
+    In eval mode without autograd they are built when first read.
     """
 
     keep: int | None = None  # also what a gate pickled before top-k existed reads
@@ -80,6 +98,7 @@ class Gate(nn.Module):
         """Return ``(channel_gates [B, channels] or None, layer_gates [B] or None)``, each 0 or 1."""
         if not self.training and not _exporting(x):  # the same decisions and records, fewer operator calls
             return eval_forward(self, x)
+        self.__dict__.pop(PENDING, None)
         pooled = x.flatten(2).mean(dim=2)
         hidden = torch.relu(self.fc(pooled))
         self.channel_logits = self.channel_gates = self.layer_logits = self.layer_gates = None
@@ -107,11 +126,17 @@ class Gate(nn.Module):
         state = self.__dict__.copy()
         state.update(layer_logits=None, channel_logits=None, layer_gates=None, channel_gates=None)
         state.pop("_gatekit_fused", None)  # a cache of the weights, rebuilt on first use
+        state.pop(PENDING, None)
         return state
 
     def extra_repr(self) -> str:
         keep = "" if self.keep is None else f", keep={self.keep}"
         return f"temperature={self.temperature}, noise={self.noise}{keep}"
+
+    layer_logits = _record("layer_logits")
+    channel_logits = _record("channel_logits")
+    layer_gates = _record("layer_gates")
+    channel_gates = _record("channel_gates")
 
 
 def _exporting(x: Tensor) -> bool:
