@@ -1,4 +1,6 @@
 """The C gate kernel (gatekit/_gate_kernel.c): the same records as the torch path, and only where it may run."""
+import copy
+import pickle
 import shutil
 import sysconfig
 
@@ -7,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import gatekit
-from gatekit._fused_gate import ALL_ON, FusedGate, eval_forward, kernel_available
+from gatekit._fused_gate import ALL_ON, PENDING, FusedGate, eval_forward, kernel_available
 from gatekit.gate import Gate, apply_channel_gate, apply_layer_gate
 from toy_models import ToyResNet
 
@@ -155,3 +157,56 @@ def test_eval_forward_with_top_k_keeps_k_filters():
             parameter.normal_()
         channel_gates, _ = eval_forward(gate, torch.randn(4, 12, 5, 5))
     assert torch.equal(channel_gates.sum(1), torch.full((4,), 3.0))
+
+
+@needs_kernel
+def test_records_are_built_when_read_and_are_those_of_the_last_forward():
+    gate = random_gate("channel+layer")
+    with torch.no_grad():  # every gate on: the records wait until read
+        gate.channel_head.bias.add_(100.0)
+        gate.layer_head.bias.add_(100.0)
+    x, other = torch.randn(3, 12, 4, 4), torch.randn(3, 12, 4, 4)
+    reference = records(gate, x, grad=True)
+    with torch.no_grad():
+        gate(x)
+    assert PENDING in gate.__dict__
+    for got, want in zip([gate.channel_gates, gate.layer_gates, gate.channel_logits, gate.layer_logits], reference):
+        torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    assert PENDING not in gate.__dict__
+    with torch.no_grad():
+        gate(other)
+    gate.channel_gates = None  # one record written: the other three are still the last forward's
+    torch.testing.assert_close(gate.layer_logits, records(gate, other, grad=True)[3].detach(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        gate(other)
+    gate.train()
+    gate(x)  # a training forward after a pending one records its own
+    assert gate.channel_logits.grad_fn is not None and PENDING not in gate.__dict__
+    gate.eval()
+    with torch.no_grad():
+        gate(x)
+    for copied in (copy.deepcopy(gate), pickle.loads(pickle.dumps(gate))):  # copies start without records
+        assert copied.channel_logits is None and copied.layer_gates is None
+
+
+@needs_kernel
+def test_decisions_the_whole_batch_agrees_on_are_shared_until_written_to():
+    gate = random_gate("channel+layer")
+    x = torch.randn(3, 12, 4, 4)
+    with torch.no_grad():
+        gate.channel_head.bias.fill_(100.0)
+        gate.layer_head.bias.fill_(-100.0)
+        first, second = gate(x), gate(x)
+    assert first[0] is second[0] and first[1] is second[1]
+    assert torch.equal(first[0], torch.ones(3, 7)) and torch.equal(first[1], torch.zeros(3))
+    assert getattr(first[0], ALL_ON) and not getattr(first[1], ALL_ON, False)
+    assert gate.channel_gates is not first[0] and torch.equal(gate.channel_gates, first[0])
+    with torch.inference_mode():
+        first[0].mul_(0)  # written to: not handed out again
+        third = gate(x)
+        assert third[0] is not first[0] and torch.equal(third[0], torch.ones(3, 7))
+        assert gate(x[:2])[0].shape == (2, 7)
+        gate.layer_head.bias.fill_(0.0)
+        gate.layer_head.weight[0, 0] = 1.0
+        mixed = gate(x)[1]  # on for some samples only: the record itself
+        assert 0 < mixed.sum() < 3 and mixed is gate.layer_gates
