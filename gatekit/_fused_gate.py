@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # gate.py may import this module for its eval-mode forward
     from .gate import Gate
 
 ALL_ON = "gatekit_all_on"  # set on decision tensors whose every entry is 1: applying them changes nothing
+# Looked up once: each call below runs at every gate of every forward.
+_grad_enabled, _FLOAT32 = torch.is_grad_enabled, torch.float32
+_dispatch_modes, _function_modes = torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled
 PENDING = "_gatekit_pending"  # a gate's kernel logits whose records are not built yet (see eval_forward)
 
 
@@ -113,7 +116,7 @@ class FusedGate:
         return (bits if bits.is_cpu else bits.cpu()).numpy().tobytes()
 
     def kernel_arguments(self, x: Tensor) -> list[int] | None:
-        """The C kernel's arguments for ``x`` (data pointers, then sizes; outputs may follow) where
+        """The C kernel's arguments for ``x`` (data pointers, then sizes) where
         it may compute this gate on ``x``, else None.
 
         Not under autograd (the kernel has no backward) nor under a dispatch or function mode
@@ -122,12 +125,12 @@ class FusedGate:
         the usual error).
         """
         if (
-            _gate_kernel is None or torch.is_grad_enabled() or type(x) is not Tensor or x.dtype != torch.float32
-            or not x.is_cpu or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            _gate_kernel is None or _grad_enabled() or type(x) is not Tensor or x.dtype is not _FLOAT32
+            or not x.is_cpu or _dispatch_modes() or _function_modes()
         ):
             return None
         shape = x.shape
-        if len(shape) < 3 or shape[1] != self.in_features or not x.numel():
+        if len(shape) < 3 or shape[1] != self.in_features or not (numel := x.numel()):
             return None
         channels_last = not x.is_contiguous()
         if channels_last and not (len(shape) == 4 and x.is_contiguous(memory_format=torch.channels_last)):
@@ -141,8 +144,8 @@ class FusedGate:
             self._kernel_pointers = pointers
         if not self._kernel_usable:
             return None
-        return [x.data_ptr(), *pointers, shape[0], shape[1], math.prod(shape[2:]), self.hidden, self.channels,
-                channels_last]
+        return [x.data_ptr(), *pointers, shape[0], shape[1], numel // (shape[0] * shape[1]), self.hidden,
+                self.channels, channels_last]
 
     def uniform_decisions(self, batch: int, width: int, on_count: int) -> Tensor | None:
         """Shared decisions ``[batch, width]`` (``[batch]`` for width 0) when ``on_count`` says they
