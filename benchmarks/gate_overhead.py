@@ -2,9 +2,11 @@
 
 Part 1, ResNet20 at 32x32, batch 1 (the deployment case of issue 15): dense; masked (the gated model
 in eval mode, every gate open); masked with each gate returning its decisions computed beforehand (the
-floor: what calling a gate costs when it computes nothing); masked with its module calls bound to flat
-attributes as the sparse model's are (``gatekit.sparse._bind_called_modules``, on a copy: what the
-graph's dotted module lookups cost); sparse with every gate open; sparse with 4 and 5 of the 9 blocks
+floor: what calling a gate costs when it computes nothing); masked with its module calls written as
+fx writes them, one lookup per name of the module's path (``gatekit._module_lookups`` undone on a
+copy: what hoisting the parent lookups saves); masked with its module calls bound to flat attributes
+as the sparse model's are (``gatekit.sparse._bind_called_modules``, on a copy); sparse with every
+gate open; sparse with 4 and 5 of the 9 blocks
 closed for every input. "ideal x" is dense MACs /
 dynamic MACs. Part 2, the CIFAR-10 checkpoints of the earlier short sweep
 (``results/cifar10-short/runs/``), whose gates vary: compacted on the ``val`` split (calibration),
@@ -97,10 +99,14 @@ def part_one(repeats: int) -> dict:
     dense = get_model("cifar/resnet20").eval()
     gated = gatekit.convert(dense).eval()
     image = torch.randn(1, 3, 32, 32)
+    unhoisted = copy.deepcopy(gated)
+    unhoisted.graph._codegen._body_transformer = None
+    unhoisted.recompile()
     bound = copy.deepcopy(gated)
     _bind_called_modules(bound)
     variants = {"dense": dense, "masked": gated, "masked, gates precomputed": precomputed_copy(gated, image),
-                "masked, module calls bound": bound, "sparse, all open": gatekit.sparse(gated)}
+                "masked, lookups as fx writes them": unhoisted, "masked, module calls bound": bound,
+                "sparse, all open": gatekit.sparse(gated)}
     ideals = {"sparse, all open": ideal_speedup(gated, image)}
     for label, blocks in CLOSED.items():
         closed = closed_copy(gated, blocks)
@@ -108,7 +114,8 @@ def part_one(repeats: int) -> dict:
         ideals[f"sparse, {label} closed"] = ideal_speedup(closed, image)
     with torch.inference_mode():
         reference = gated(image)
-        for name in ("masked, gates precomputed", "masked, module calls bound", "sparse, all open"):
+        for name in ("masked, gates precomputed", "masked, lookups as fx writes them", "masked, module calls bound",
+                     "sparse, all open"):
             torch.testing.assert_close(variants[name](image), reference, atol=1e-4, rtol=1e-4)
         calls = {name: (lambda model=model: model(image)) for name, model in variants.items()}
         for call in calls.values():
