@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--timed-images", type=int, default=32)
     parser.add_argument("--runs", nargs="+", default=list(CHECKPOINTS))
+    parser.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/gate_overhead_<date>.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     day = datetime.date.today().isoformat()
@@ -215,8 +216,10 @@ def main() -> None:
                      load_average=os.getloadavg(), host=platform.node()),
         resnet20_batch1=first, checkpoints=second, sparse_block_profile=profile_table,
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"gate_overhead_{day}.json").write_text(json.dumps(result, indent=2))
+    output = args.output or RESULTS / f"gate_overhead_{day}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    print(f"saved {output}")
 
 
 if __name__ == "__main__":
