@@ -6,9 +6,9 @@ floor: what calling a gate costs when it computes nothing); masked with its modu
 fx writes them, one lookup per name of the module's path (``gatekit._module_lookups`` undone on a
 copy: what hoisting the parent lookups saves); masked with its module calls bound to flat attributes
 as the sparse model's are (``gatekit.sparse._bind_called_modules``, on a copy); sparse with every
-gate open; sparse with 4 and 5 of the 9 blocks
-closed for every input. "ideal x" is dense MACs /
-dynamic MACs. Part 2, the CIFAR-10 checkpoints of the earlier short sweep
+gate open, and the same with each sparse block taking its gate's decisions computed beforehand;
+sparse with 4 and 5 of the 9 blocks closed for every input. "ideal x" is dense MACs / dynamic MACs.
+Part 2, the CIFAR-10 checkpoints of the earlier short sweep
 (``results/cifar10-short/runs/``), whose gates vary: compacted on the ``val`` split (calibration),
 checked on ``test`` (held out), and timed at batch 1 on the test images, each call taking the next
 image: masked, sparse, compact + sparse.
@@ -19,7 +19,7 @@ sparse block.
 
 Usage (repository root)::
 
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/gate_overhead.py   # about 10 minutes
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/gate_overhead.py   # about 4 minutes
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import gatekit
 from _timing import paired_ratio, time_interleaved
 from gatekit.adapters import get_model
 from gatekit.datasets import load_dataset
-from gatekit.sparse import _bind_called_modules
+from gatekit.sparse import SparseBlock, _bind_called_modules
 
 RUNS = Path(__file__).parent.parent / "results" / "cifar10-short" / "runs"
 CHECKPOINTS = (
@@ -94,6 +94,23 @@ def precomputed_copy(gated: nn.Module, image: torch.Tensor) -> nn.Module:
     return copied
 
 
+def sparse_precomputed_copy(sparse_model: nn.Module, image: torch.Tensor) -> nn.Module:
+    """A copy of ``sparse_model`` whose sparse blocks take the decisions their gates made on ``image``
+    instead of computing them: what the sparse model costs without its gates."""
+    copied = copy.deepcopy(sparse_model)
+    blocks = [module for module in copied.modules() if isinstance(module, SparseBlock)]
+    decided = {}
+    hooks = [block.register_forward_pre_hook(
+        lambda module, args: decided.__setitem__(module, module.fused.decision_bytes(args[0]))) for block in blocks]
+    with torch.inference_mode():
+        copied(image)
+    for hook in hooks:
+        hook.remove()
+    for block in blocks:
+        block.fused.decision_bytes = lambda x, bits=decided[block]: bits
+    return copied
+
+
 def part_one(repeats: int) -> dict:
     torch.manual_seed(0)
     dense = get_model("cifar/resnet20").eval()
@@ -107,6 +124,7 @@ def part_one(repeats: int) -> dict:
     variants = {"dense": dense, "masked": gated, "masked, gates precomputed": precomputed_copy(gated, image),
                 "masked, lookups as fx writes them": unhoisted, "masked, module calls bound": bound,
                 "sparse, all open": gatekit.sparse(gated)}
+    variants["sparse, all open, gates precomputed"] = sparse_precomputed_copy(variants["sparse, all open"], image)
     ideals = {"sparse, all open": ideal_speedup(gated, image)}
     for label, blocks in CLOSED.items():
         closed = closed_copy(gated, blocks)
@@ -115,7 +133,7 @@ def part_one(repeats: int) -> dict:
     with torch.inference_mode():
         reference = gated(image)
         for name in ("masked, gates precomputed", "masked, lookups as fx writes them", "masked, module calls bound",
-                     "sparse, all open"):
+                     "sparse, all open", "sparse, all open, gates precomputed"):
             torch.testing.assert_close(variants[name](image), reference, atol=1e-4, rtol=1e-4)
         calls = {name: (lambda model=model: model(image)) for name, model in variants.items()}
         for call in calls.values():
