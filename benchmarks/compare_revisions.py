@@ -59,7 +59,8 @@ def load_revision(revision: str, folder: Path) -> ModuleType:
     (folder / "adapters").rename(package / "adapters")  # installed as gatekit.adapters (pyproject.toml)
     for path in package.rglob("*.py"):  # its own absolute imports must find its own modules
         text = path.read_text()
-        path.write_text(text.replace("from gatekit.", f"from {name}.").replace("import gatekit\n", f"import {name} as gatekit\n"))
+        text = text.replace("from gatekit.", f"from {name}.").replace("import gatekit\n", f"import {name} as gatekit\n")
+        path.write_text(text)
     source = package / "_gate_kernel.c"
     if source.exists():
         compiler = (sysconfig.get_config_var("CC") or "cc").split()
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--levels", type=float, nargs="+", default=[0.75, 0.5], choices=sparse_speed.LEVELS)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=101)
-    parser.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/compare_revisions_<date>.json)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON path (default: benchmarks/results/compare_revisions_<date>.json)")
     args = parser.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     torch.set_num_threads(1)
@@ -115,7 +117,8 @@ def main() -> None:
         rows.append(dict(
             variant=key, reference=reference.removesuffix(" (this)"), this_ms=1e3 * statistics.median(this_time),
             other_ms=1e3 * statistics.median(other_time), this_over_reference=paired_ratio(this_time, times[reference]),
-            other_over_reference=paired_ratio(other_time, times[reference]), this_over_other=paired_ratio(this_time, other_time),
+            other_over_reference=paired_ratio(other_time, times[reference]),
+            this_over_other=paired_ratio(this_time, other_time),
         ))
         row = rows[-1]
         print(f"{key:<12} / {row['reference']:<12} this {row['this_over_reference']:.3f}  other "
@@ -124,7 +127,8 @@ def main() -> None:
                                  text=True).stdout.strip()
     result = dict(this=this_commit, other=args.revision, model=args.model, batch=args.batch, repeats=args.repeats,
                   started=started, rows=rows)
-    output = args.output or Path(__file__).parent / "results" / f"compare_revisions_{datetime.date.today().isoformat()}.json"
+    day = datetime.date.today().isoformat()
+    output = args.output or Path(__file__).parent / "results" / f"compare_revisions_{day}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
     print(f"saved {output}")

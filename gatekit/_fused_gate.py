@@ -215,8 +215,11 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     if (channel_gates is not None or not channels) and (layer_gates is not None or not fused.layered):
         gate.__dict__[PENDING] = (logits, batch)
         return channel_gates, layer_gates
-    records = _records_from_logits(gate, _logits_tensor(logits, batch))
-    return (records[0] if channel_gates is None else channel_gates), (records[1] if layer_gates is None else layer_gates)
+    channel_records, layer_records = _records_from_logits(gate, _logits_tensor(logits, batch))
+    return (
+        channel_records if channel_gates is None else channel_gates,
+        layer_records if layer_gates is None else layer_gates,
+    )
 
 
 def build_pending_records(gate: Gate) -> None:
