@@ -148,9 +148,13 @@ class FusedGate:
                 self.channels, channels_last]
 
     def uniform_decisions(self, batch: int, width: int, on_count: int) -> Tensor | None:
-        """Shared decisions ``[batch, width]`` (``[batch]`` for width 0) when ``on_count`` says they
-        are all 1 (marked ``ALL_ON``) or all 0, else None. Reused from call to call until something
-        writes to one (its version counter moves), hence made outside inference mode."""
+        """Decisions ``[batch, width]`` (``[batch]`` for width 0) when ``on_count`` says they are
+        all 1 (marked ``ALL_ON``) or all 0, else None.
+
+        Small ones are shared: reused from call to call until something writes to one (its version
+        counter moves), hence made outside inference mode. Large batches get their own, since
+        allocating costs little next to their arithmetic and shared ones would stay in memory.
+        """
         size = batch * max(width, 1)
         if on_count not in (0, size):
             return None
@@ -161,6 +165,8 @@ class FusedGate:
                 shared = torch.full((batch, width) if width else (batch,), float(key[0]), dtype=torch.float32)
             if key[0]:
                 setattr(shared, ALL_ON, True)
+            if size > _SHARED_DECISIONS:
+                return shared
             if len(self._uniform) >= 8:  # batch sizes come and go: keep the last few
                 self._uniform.clear()
             self._uniform[key] = shared
@@ -190,6 +196,7 @@ class FusedGate:
 
 
 _SPATIAL = {3: (2,), 4: (2, 3), 5: (2, 3, 4)}
+_SHARED_DECISIONS = 4096  # the most decisions a gate keeps in one shared tensor (16 KB)
 
 
 def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:

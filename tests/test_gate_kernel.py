@@ -206,6 +206,8 @@ def test_decisions_the_whole_batch_agrees_on_are_shared_until_written_to():
         third = gate(x)
         assert third[0] is not first[0] and torch.equal(third[0], torch.ones(3, 7))
         assert gate(x[:2])[0].shape == (2, 7)
+        large = torch.randn(600, 12, 2, 2)  # 4,200 decisions: each call gets its own
+        assert gate(large)[0] is not gate(large)[0] and getattr(gate(large)[0], ALL_ON)
         gate.layer_head.bias.fill_(0.0)
         gate.layer_head.weight[0, 0] = 1.0
         mixed = gate(x)[1]  # on for some samples only: the record itself
