@@ -208,7 +208,13 @@ def test_decisions_the_whole_batch_agrees_on_are_shared_until_written_to():
         assert gate(x[:2])[0].shape == (2, 7)
         large = torch.randn(600, 12, 2, 2)  # 4,200 decisions: each call gets its own
         assert gate(large)[0] is not gate(large)[0] and getattr(gate(large)[0], ALL_ON)
-        gate.layer_head.bias.fill_(0.0)
+        # The layer logit becomes relu(mean of input channel 0) - 0.5: on for samples 0 and 2 only.
+        gate.fc.weight.zero_()
+        gate.fc.weight[0, 0] = 1.0
+        gate.fc.bias.zero_()
+        gate.layer_head.weight.zero_()
         gate.layer_head.weight[0, 0] = 1.0
+        gate.layer_head.bias.fill_(-0.5)
+        x[:, 0] = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1)
         mixed = gate(x)[1]  # on for some samples only: the record itself
-        assert 0 < mixed.sum() < 3 and mixed is gate.layer_gates
+        assert torch.equal(mixed, torch.tensor([1.0, 0.0, 1.0])) and mixed is gate.layer_gates
