@@ -79,18 +79,24 @@ class Precomputed(nn.Module):
         return self.decisions
 
 
+def inputs_on(model: nn.Module, modules: list[nn.Module], image: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+    """The input each of ``modules`` (inside ``model``) gets when ``model`` runs on ``image``."""
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[0]))
+             for module in modules]
+    with torch.inference_mode():
+        model(image)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
 def precomputed_copy(gated: nn.Module, image: torch.Tensor) -> nn.Module:
     """A copy of ``gated`` whose gates are :class:`Precomputed` on their inputs for ``image``."""
     copied = copy.deepcopy(gated)
-    inputs = {}
-    hooks = [gate.register_forward_pre_hook(lambda module, args, key=key: inputs.__setitem__(key, args[0]))
-             for key, gate in copied.gatekit_gates.items()]
-    with torch.inference_mode():
-        copied(image)
-    for hook in hooks:
-        hook.remove()
+    inputs = inputs_on(copied, list(copied.gatekit_gates.values()), image)
     for key, gate in list(copied.gatekit_gates.items()):
-        copied.gatekit_gates[key] = Precomputed(gate, inputs[key])
+        copied.gatekit_gates[key] = Precomputed(gate, inputs[gate])
     return copied
 
 
@@ -99,15 +105,10 @@ def sparse_precomputed_copy(sparse_model: nn.Module, image: torch.Tensor) -> nn.
     instead of computing them: what the sparse model costs without its gates."""
     copied = copy.deepcopy(sparse_model)
     blocks = [module for module in copied.modules() if isinstance(module, SparseBlock)]
-    decided = {}
-    hooks = [block.register_forward_pre_hook(
-        lambda module, args: decided.__setitem__(module, module.fused.decision_bytes(args[0]))) for block in blocks]
-    with torch.inference_mode():
-        copied(image)
-    for hook in hooks:
-        hook.remove()
-    for block in blocks:
-        block.fused.decision_bytes = lambda x, bits=decided[block]: bits
+    for block, x in inputs_on(copied, blocks, image).items():
+        with torch.inference_mode():
+            bits = block.fused.decision_bytes(x)
+        block.fused.decision_bytes = lambda x, bits=bits: bits
     return copied
 
 

@@ -116,8 +116,8 @@ class FusedGate:
         return (bits if bits.is_cpu else bits.cpu()).numpy().tobytes()
 
     def kernel_arguments(self, x: Tensor) -> list[int] | None:
-        """The C kernel's arguments for ``x`` (data pointers, then sizes) where
-        it may compute this gate on ``x``, else None.
+        """The C kernel's arguments for ``x`` (data pointers, then sizes) where it may compute this
+        gate on ``x``, else None.
 
         Not under autograd (the kernel has no backward) nor under a dispatch or function mode
         (``FlopCounterMode`` must see the gate's matrix products); float32 CPU tensors of the gate's
