@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gatekit.errors import GatekitError
-from gatekit.gated_model import SOURCE_ATTRIBUTE
+from gatekit._source import SOURCE_ATTRIBUTE
 
 ENTRY_POINT_GROUP = "gatekit.adapters"
 _BUILTIN_ADAPTERS = ("cifar_resnet", "torchvision_resnet", "timm_resnet", "torchvision_models", "timm_models")

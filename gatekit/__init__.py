@@ -26,5 +26,4 @@ from .sparsity_schedule import SparsitySchedule
 from .distillation import DistillationLoss
 from .batchnorm import recalibrate_batchnorm
 from .warm_start import warm_start
-
-__version__ = "0.1.0"
+from ._version import __version__

@@ -14,10 +14,10 @@ six torch operator calls compute the same up to float rounding.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._sliced import stamp_of
 from .relaxation import threshold, top_k
@@ -27,14 +27,22 @@ try:
 except ImportError:  # installed without a C compiler: the torch operators below do the same work
     _gate_kernel = None
 
-if TYPE_CHECKING:  # gate.py may import this module for its eval-mode forward
-    from .gate import Gate
-
 ALL_ON = "gatekit_all_on"  # set on decision tensors whose every entry is 1: applying them changes nothing
 # Looked up once: each call below runs at every gate of every forward.
 _grad_enabled, _FLOAT32 = torch.is_grad_enabled, torch.float32
 _dispatch_modes, _function_modes = torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled
 PENDING = "_gatekit_pending"  # a gate's kernel logits whose records are not built yet (see eval_forward)
+
+
+class GateLayers(Protocol):
+    """What this module reads of a :class:`gatekit.Gate`: described here rather than imported, as
+    gate.py imports this module for its eval-mode forward."""
+
+    fc: nn.Linear
+    channel_head: nn.Linear | None
+    layer_head: nn.Linear | None
+    channels: int
+    keep: int | None
 
 
 def kernel_available() -> bool:
@@ -50,7 +58,7 @@ class FusedGate:
     rebuilt when one of them changes.
     """
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: GateLayers) -> None:
         self.gate = gate
         # The parameter dicts of fc, the channel head and the layer head ({} for a missing head).
         self._layers: list[dict[str, Tensor]] = [gate.fc._parameters] + [
@@ -199,7 +207,7 @@ _SPATIAL = {3: (2,), 4: (2, 3), 5: (2, 3, 4)}
 _SHARED_DECISIONS = 4096  # the most decisions a gate keeps in one shared tensor (16 KB)
 
 
-def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def eval_forward(gate: GateLayers, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """What ``Gate.forward`` returns and records in eval mode, through the gate's :class:`FusedGate`.
 
     On the kernel path the records (logits and decisions) are built only when read: a model in eval
@@ -229,7 +237,7 @@ def eval_forward(gate: Gate, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     )
 
 
-def build_pending_records(gate: Gate) -> None:
+def build_pending_records(gate: GateLayers) -> None:
     """Build the records of ``gate``'s last kernel forward, if they are still pending."""
     pending = gate.__dict__.pop(PENDING, None)
     if pending is not None:
@@ -241,7 +249,7 @@ def _logits_tensor(logits: bytes, batch: int) -> Tensor:
     return torch.frombuffer(bytearray(logits), dtype=torch.float32).view(batch, -1)
 
 
-def _records_from_logits(gate: Gate, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def _records_from_logits(gate: GateLayers, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """``Gate.forward``'s eval-mode records from the joined logits (channel logits, then the layer
     logit); returns the decisions."""
     decisions = threshold(logits)

@@ -8,6 +8,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._source import SOURCE_ATTRIBUTE
+from .adapters import model_entry
 from .errors import GatekitError, NoResidualBlockError
 
 
@@ -68,12 +70,8 @@ def _default_example_input(model: nn.Module) -> Tensor:
             f"{type(model).__name__} has no convolution, so it has no residual block to gate."
         )
     weight = first_conv.weight
-    from .gated_model import SOURCE_ATTRIBUTE  # imported here: gated_model imports this module's users
-
     source = getattr(model, SOURCE_ATTRIBUTE, None)
     if source is not None:  # built by gatekit.adapters.get_model: measure at its registered input size
-        from .adapters import model_entry
-
         size = model_entry(source[0]).input_size
         if size[0] == first_conv.in_channels:
             return torch.randn(1, *size, device=weight.device, dtype=weight.dtype)

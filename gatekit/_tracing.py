@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
+from .adapters import load_adapters
 from .errors import TraceError
 from .gate import Gate
 
@@ -99,8 +100,6 @@ def trace_model(
     Raises:
         TraceError: torch.fx cannot trace the model; the message names the module that failed.
     """
-    from .adapters import load_adapters  # imported here: adapters import gatekit's public modules
-
     load_adapters()
     return trace(
         model, leaf_modules=tuple(leaf_modules) + (Gate,), autowrap_functions=autowrap_functions,

@@ -13,8 +13,13 @@ import torch
 from torch import nn
 
 from ._devices import usable_device
+from ._source import SOURCE_ATTRIBUTE
+from ._version import __version__
+from .adapters import get_model, model_entry
+from .compact import apply_saved_plans
+from .convert import convert
 from .errors import GatekitError
-from .gated_model import SOURCE_ATTRIBUTE, unwrapped
+from .gated_model import unwrapped
 
 FORMAT = "gatekit-checkpoint"
 FORMAT_VERSION = 1
@@ -33,10 +38,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     >>> save(gatekit.convert(get_model("cifar/resnet20")), "resnet20-gated.pt")  # doctest: +SKIP
     """
-    from . import __version__
-
-    from .adapters import model_entry
-
     if not isinstance(model, nn.Module):
         raise GatekitError(f"gatekit.save writes a torch.nn.Module, got {type(model).__name__}.")
     model = unwrapped(model)  # DistributedDataParallel and the like: save the model inside
@@ -81,9 +82,6 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             does not know; weights that do not fit the rebuilt model; ``map_location`` a device
             this machine lacks.
     """
-    from .adapters import get_model
-    from .convert import convert
-
     if isinstance(map_location, (str, torch.device)):  # a missing GPU would read as a corrupt file
         usable_device(map_location, "map_location")
     checkpoint = _read(path, map_location)
@@ -108,8 +106,6 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
 
 def _compacted(path: str | os.PathLike, gated: nn.Module, plans: Any) -> nn.Module:
     """The converted model with the saved fold plans of gatekit.compact applied again."""
-    from .compact import apply_saved_plans
-
     try:
         return apply_saved_plans(gated, list(plans))
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:

@@ -20,7 +20,8 @@ from ._module_lookups import hoist_module_lookups
 from .blocks import GateSite, discover
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
-from .gated_model import GATE_MODES, SOURCE_ATTRIBUTE, GatekitInfo, attach_info, gate_key
+from ._source import SOURCE_ATTRIBUTE
+from .gated_model import GATE_MODES, GatekitInfo, attach_info, gate_key
 from .macs import node_macs
 from .skipped_sites import SkippedSite, report_skipped
 

@@ -7,14 +7,13 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .blocks import GateSite
+from ._sites import GateSite
+from ._source import SOURCE_ATTRIBUTE  # noqa: F401  (modules that read it from here still may)
 from .skipped_sites import SkippedSite
 from .errors import NotConvertedError
 from .gate import Gate
 
 GATE_MODES = ("channel", "layer", "channel+layer")
-# Set by gatekit.adapters.get_model on the models it builds: (name, kwargs), for gatekit.save.
-SOURCE_ATTRIBUTE = "gatekit_source"
 
 
 @dataclass

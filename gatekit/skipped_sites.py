@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch.fx as fx
 
 from ._graph import ancestors
+from ._sites import GateSite, _Ancestry, _Candidate
 from .errors import NoResidualBlockError, SkippedBlocksWarning, UngatableBlockError
-
-if TYPE_CHECKING:
-    from .blocks import GateSite, _Ancestry, _Candidate
 
 
 @dataclass(frozen=True)
