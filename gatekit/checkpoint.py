@@ -1,21 +1,23 @@
 """Saving and loading models: weights plus what is needed to rebuild them, and no code.
 
-Gated models are the main case; dense models built with ``gatekit.adapters.get_model`` save too, so
-that baselines are profiled the same way (``convert_options`` is then ``None``).
+Gated models are the main case; dense models save too, so that baselines are profiled the same way
+(``convert_options`` is then ``None``). Which builder rebuilds a model, and how a pruned one differs
+from what it builds, is found by ``gatekit._model_identity``.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ._devices import usable_device
+from ._layer_shapes import apply_layer_shapes
+from ._model_identity import build, default_input_shape, describe, identify, named_builder
 from ._source import SOURCE_ATTRIBUTE
 from ._version import __version__
-from .adapters import get_model, model_entry
 from .compact import apply_saved_plans
 from .convert import convert
 from .errors import GatekitError
@@ -23,42 +25,53 @@ from .gated_model import unwrapped
 
 FORMAT = "gatekit-checkpoint"
 FORMAT_VERSION = 1
-# Builder arguments that fetch weights: the checkpoint already holds the trained weights.
-_WEIGHT_ARGUMENTS = ("weights", "pretrained")
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(
+    model: nn.Module, path: str | os.PathLike, *, builder: str | tuple[str, Mapping[str, Any]] | None = None,
+) -> None:
     """Write a model to ``path``: its state_dict, how to build (and convert) it, gatekit's version.
 
-    The model must come from a registered builder (``gatekit.adapters.get_model``), converted or
-    not, so that :func:`load` can rebuild it without running code stored in the file.
+    :func:`load` rebuilds the model from a builder, without running code stored in the file. The
+    builder is found for models built by ``gatekit.adapters.get_model``, by ``timm.create_model``
+    (from ``pretrained_cfg["architecture"]``, ``num_classes`` and the input channels) and by
+    torchvision's builders (the one of the model's class whose state_dict has the model's keys and
+    shapes, ``num_classes`` read from the classifier), converted or not. A model pruned since it was
+    built (Torch-Pruning, say) keeps its builder's keys with other shapes: the changed layers'
+    sizes are saved with it. Any other model needs ``builder``.
+
+    Args:
+        model: the model, gated or dense (DistributedDataParallel and the like are unwrapped).
+        path: the file to write.
+        builder: the name of a model registered with ``gatekit.adapters.register_model`` that builds
+            this one, or ``(name, kwargs)`` with the arguments to build it with.
 
     Raises:
-        GatekitError: the model was not built through ``gatekit.adapters.get_model``.
+        GatekitError: no builder is found for the model, or ``builder`` does not build its layers.
 
-    >>> save(gatekit.convert(get_model("cifar/resnet20")), "resnet20-gated.pt")  # doctest: +SKIP
+    >>> save(gatekit.convert(torchvision.models.resnet18(num_classes=10)), "gated.pt")  # doctest: +SKIP
+    >>> save(gatekit.convert(MyNet(width=8)), "mine.pt", builder=("mine/net", {"width": 8}))  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise GatekitError(f"gatekit.save writes a torch.nn.Module, got {type(model).__name__}.")
     model = unwrapped(model)  # DistributedDataParallel and the like: save the model inside
     info = getattr(model, "gatekit", None)
-    source = info.source if info is not None else getattr(model, SOURCE_ATTRIBUTE, None)
-    if source is None:
-        raise GatekitError(
-            "gatekit.save needs to know how to rebuild the model: build it with "
-            "`gatekit.adapters.get_model(name, ...)` (register your own builder with "
-            "`gatekit.adapters.register_model`), or save `model.state_dict()` yourself."
-        )
-    name, kwargs = source
+    if builder is not None:
+        source = named_builder(builder)
+    else:
+        source = info.source if info is not None else getattr(model, SOURCE_ATTRIBUTE, None)
+    recipe = identify(info.description if info is not None else describe(model), source)
     state_dict = model.state_dict()
-    input_shape = info.input_shape if info is not None else (1, *model_entry(name).input_size)
+    input_shape = info.input_shape if info is not None else default_input_shape(recipe.name, model)
     torch.save(
         {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "gatekit_version": __version__,
-            "model": name,
-            "model_kwargs": {k: v for k, v in kwargs.items() if k not in _WEIGHT_ARGUMENTS},
+            "model": recipe.name,
+            "model_kwargs": recipe.kwargs,
+            # Only for a pruned model: sizes of the layers that differ from what its builder makes.
+            **({"layer_shapes": recipe.layer_shapes} if recipe.layer_shapes else {}),
             "convert_options": dict(info.options) if info is not None else None,
             "input_shape": list(input_shape),
             # gatekit.compact's fold plans, applied again after conversion: plain data, no code.
@@ -88,7 +101,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     example_input = torch.zeros(checkpoint["input_shape"])
     options = checkpoint["convert_options"]
     try:
-        model = get_model(checkpoint["model"], **checkpoint["model_kwargs"])
+        model = build(checkpoint["model"], checkpoint["model_kwargs"])
+        if "layer_shapes" in checkpoint:
+            _reshaped(path, model, checkpoint["layer_shapes"])
         gated = model if options is None else convert(model, example_input=example_input, **options)
     except TypeError as error:  # an argument this gatekit or this model does not take
         raise GatekitError(
@@ -102,6 +117,19 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     except RuntimeError as error:
         raise GatekitError(f"the weights in {path} do not fit {checkpoint['model']}: {error}") from error
     return gated.to(map_location).eval()
+
+
+def _reshaped(path: str | os.PathLike, model: nn.Module, layer_shapes: Any) -> None:
+    """Give the freshly built model the saved sizes of the layers pruning changed."""
+    try:
+        if not isinstance(layer_shapes, dict):
+            raise ValueError(f"it is a {type(layer_shapes).__name__}, not a dict")
+        apply_layer_shapes(model, layer_shapes)
+    except ValueError as error:
+        raise GatekitError(
+            f"{path} has a malformed 'layer_shapes' field ({error}): it was not written by gatekit.save, "
+            f"or was edited. Save the model again."
+        ) from error
 
 
 def _compacted(path: str | os.PathLike, gated: nn.Module, plans: Any) -> nn.Module:

@@ -20,6 +20,7 @@ from ._module_lookups import hoist_module_lookups
 from .blocks import GateSite, discover
 from .errors import AlreadyConvertedError, GatekitError, NoResidualBlockError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
+from ._model_identity import describe
 from ._source import SOURCE_ATTRIBUTE
 from .gated_model import GATE_MODES, GatekitInfo, attach_info, gate_key
 from .macs import node_macs
@@ -127,6 +128,7 @@ def convert(
             **({} if channel_keep is None else dict(channel_keep=float(channel_keep))),
         ),
         source=getattr(model, SOURCE_ATTRIBUTE, None),
+        description=describe(model),
     ))
     # Every module keeps its own train/eval flag (a finetune may hold its batch norms in eval mode);
     # the new gates follow the model's.

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._model_identity import ModelDescription
 from ._sites import GateSite
 from ._source import SOURCE_ATTRIBUTE  # noqa: F401  (modules that read it from here still may)
 from .skipped_sites import SkippedSite
@@ -29,7 +30,9 @@ class GatekitInfo:
         regularizer: the loss :func:`gatekit.gate_loss` adds, or None.
         options: the conversion options, enough to convert the same model again.
         source: ``(name, kwargs)`` of the ``gatekit.adapters.get_model`` call that built the model,
-            or None; :func:`gatekit.save` needs it.
+            or None.
+        description: the model before conversion, as :func:`gatekit.save` compares it with
+            builders to name the one that rebuilds it (classes, state_dict shapes, layer sizes).
         compaction: the fold plans :func:`gatekit.compact` applied, in order (plain data, saved
             with the model so that :func:`gatekit.load` rebuilds the same architecture).
     """
@@ -43,6 +46,7 @@ class GatekitInfo:
     source: tuple[str, dict[str, Any]] | None = None
     compaction: tuple[list[dict[str, Any]], ...] = ()
     skipped: tuple[SkippedSite, ...] = ()
+    description: ModelDescription | None = field(default=None, repr=False)
 
 
 def attach_info(graph_module: fx.GraphModule, info: GatekitInfo) -> None:
