@@ -26,4 +26,9 @@ from .sparsity_schedule import SparsitySchedule
 from .distillation import DistillationLoss
 from .batchnorm import recalibrate_batchnorm
 from .warm_start import warm_start
+from .exits import ExitInfo, ExitSite, ExitsError, add_exits, exit_sites
+from .exit_macs import exit_macs
+from .exit_fitting import ExitFit, fit_exits
+from .exit_calibration import ExitCalibration, calibrate_exits
+from .losses.exit_loss import exit_loss
 from ._version import __version__

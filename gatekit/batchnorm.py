@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .errors import GatekitError
-from .profiler import _as_batches, _split
+from ._batches import as_batches, split_batch
 
 
 def recalibrate_batchnorm(
@@ -59,10 +59,10 @@ def recalibrate_batchnorm(
             norm.momentum = None  # cumulative moving average: every batch weighs the same
             norm.train()
         with torch.no_grad():
-            for index, batch in enumerate(_as_batches(data, batch_size)):
+            for index, batch in enumerate(as_batches(data, batch_size)):
                 if max_batches is not None and index >= max_batches:
                     break
-                inputs, _ = _split(batch)
+                inputs, _ = split_batch(batch)
                 if inputs.shape[0] == 0:
                     continue
                 model(inputs.to(device))

@@ -22,7 +22,8 @@ from ._fold import Plan, apply_plan, can_slice_filters
 from ._nesting import enclosing_blocks
 from .errors import GatekitError
 from .gated_model import gates_of, info_of, unwrapped
-from .profiler import _as_batches, _forward, _split
+from ._batches import as_batches, split_batch
+from .profiler import _forward
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,8 @@ def _output_difference(gated: nn.Module, compacted: nn.Module, data: Any, batch_
 def _inputs(data: Any, batch_size: int, max_samples: int | None) -> Iterator[Tensor]:
     """The non-empty input batches of ``data``, the last one cut so that at most ``max_samples`` pass."""
     samples = 0
-    for batch in _as_batches(data, batch_size):
-        inputs, _ = _split(batch)
+    for batch in as_batches(data, batch_size):
+        inputs, _ = split_batch(batch)
         if max_samples is not None:
             inputs = inputs[: max_samples - samples]
         if inputs.shape[0] == 0:

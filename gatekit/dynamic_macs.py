@@ -32,6 +32,14 @@ def dynamic_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
             is NaN (NaN input or weights): a NaN logit reads as a closed gate, so the count would
             be silently too low.
     """
+    fixed, blocks = block_macs(model, costs)
+    return fixed + sum(blocks)
+
+
+def block_macs(model: nn.Module, costs: BlockCosts | None = None) -> tuple[int, list[Tensor]]:
+    """The parts of :func:`dynamic_macs`: the MACs outside every gated branch, which every sample
+    pays, and each gated block's per-sample MACs [B] (its gate, and its branch where it ran), in
+    ``model.gatekit.sites`` order. Raises as :func:`dynamic_macs` does."""
     info = info_of(model)
     costs = costs or BlockCosts.from_sites(info.dense_macs, info.sites)
     gates = gates_of(model)
@@ -46,11 +54,11 @@ def dynamic_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
     with internal_errors("counting dynamic MACs", "the blocks nested in other blocks' branches"):
         enclosing = enclosing_blocks(info.sites)
         own_macs = own_branch_macs(costs.branch_macs, enclosing)
-    total: Tensor | int = costs.dense_macs - sum(own_macs)
+    per_block = []
     for index, (site, gate) in enumerate(blocks):
         with internal_errors("counting dynamic MACs", site.add_node, block=site.name):
-            total = total + _block_macs(gate, decisions, enclosing[index], own_macs[index], costs.channel_macs[index], index)
-    return total
+            per_block.append(_block_macs(gate, decisions, enclosing[index], own_macs[index], costs.channel_macs[index], index))
+    return costs.dense_macs - sum(own_macs), per_block
 
 
 def _block_macs(gate: Gate, decisions: list[Tensor], enclosing: list[int], own_macs: int, channel_macs: int, index: int) -> Tensor:

@@ -8,13 +8,16 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ._batches import as_batches, split_batch
 from .dynamic_macs import dynamic_macs
 from ._devices import usable_device
 from ._internal import internal_errors
 from .errors import GatekitError
+from .exit_macs import ExitCosts, exit_macs, measure_exit_costs
+from .exits import exit_policy, exits_of, has_exits
 from .gate import Gate
 from .gated_model import GatekitInfo, gates_of
 from .losses._executed import executed_channels, executed_layers
@@ -35,6 +38,17 @@ class BlockProfile:
 
 
 @dataclass(frozen=True)
+class ExitProfile:
+    """One exit over the whole dataset: the fraction of samples that left there, their accuracy
+    (None without labels) and their mean MACs. The final head is the last, named ``"final"``."""
+
+    name: str
+    rate: float
+    accuracy: float | None
+    mean_macs: float
+
+
+@dataclass(frozen=True)
 class Profile:
     """Result of :func:`profile`. MACs are per sample, conv + linear, gates' own MACs included."""
 
@@ -44,6 +58,8 @@ class Profile:
     blocks: tuple[BlockProfile, ...]
     accuracy: float | None
     input_shape: tuple[int, ...]
+    exits: tuple[ExitProfile, ...] = ()
+    per_sample_exits: tuple[int, ...] = ()
 
     @property
     def mean_macs(self) -> float:
@@ -76,7 +92,9 @@ class Profile:
             "accuracy": self.accuracy,
             "percentiles": self.percentiles(),
             "blocks": [dataclasses.asdict(block) for block in self.blocks],
+            "exits": [dataclasses.asdict(exit) for exit in self.exits],
             "per_sample_macs": list(self.per_sample_macs),
+            "per_sample_exits": list(self.per_sample_exits),
         }
 
     def to_json(self, path: str) -> None:
@@ -100,6 +118,12 @@ class Profile:
                     f"{block.name:<{width}}  {block.execution_rate:8.3f}  {block.channel_rate:8.3f}"
                     f"  {block.dense_macs:11,}  {block.mean_macs:11,.0f}"
                 )
+        if self.exits:
+            width = max(len(exit.name) for exit in self.exits)
+            lines.append(f"\n{'exit':<{width}}      left  accuracy    mean MACs")
+            for exit in self.exits:
+                accuracy = "       -" if exit.accuracy is None else f"{100 * exit.accuracy:7.2f}%"
+                lines.append(f"{exit.name:<{width}}  {exit.rate:8.3f}  {accuracy}  {exit.mean_macs:11,.0f}")
         return "\n".join(lines)
 
     def plot(self, path: str) -> None:
@@ -176,8 +200,8 @@ def profile(
         # Counted in samples, so that a bar stopped by max_samples ends full.
         bar = tqdm(total=_sample_count(data, max_samples), disable=not progress, desc="profile", unit="sample")
         with torch.no_grad(), bar:
-            for batch in _as_batches(data, batch_size):
-                inputs, labels = _split(batch)
+            for batch in as_batches(data, batch_size):
+                inputs, labels = split_batch(batch)
                 if max_samples is not None:
                     inputs, labels = inputs[: max_samples - tally.samples], _head(labels, max_samples - tally.samples)
                 tally.add(inputs.to(device), labels)
@@ -196,7 +220,11 @@ class _Tally:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.gated = isinstance(getattr(model, "gatekit", None), GatekitInfo)
+        self.exits = has_exits(model)
         self.costs: BlockCosts | None = None
+        self.exit_costs: ExitCosts | None = None
+        self.per_sample_exits: list[int] = []
+        self.exit_correct: list[int] = []
         self.dense_macs = 0
         self.input_shape: tuple[int, ...] = ()
         self.per_sample: list[int] = []
@@ -218,21 +246,32 @@ class _Tally:
                 f"{tuple(inputs.shape[1:])}): profile one input size at a time."
             )
         output = _forward(self.model, inputs)
-        if self.gated:
-            macs = dynamic_macs(self.model, self.costs)
-            self.per_sample += macs.tolist()
-            self._add_blocks()
+        taken = exit_policy(self.model).taken.cpu() if self.exits else None
+        if self.exits:
+            self.per_sample += exit_macs(self.model, self.exit_costs).tolist()
+            self.per_sample_exits += taken.tolist()
+        elif self.gated:
+            self.per_sample += dynamic_macs(self.model, self.costs).tolist()
         else:
             self.per_sample += [self.dense_macs] * inputs.shape[0]
+        if self.gated:
+            self._add_blocks(taken)
         if labels is not None:
-            self.correct += (output.argmax(1).cpu() == labels.cpu()).sum().item()
+            correct = output.argmax(1).cpu() == labels.cpu()
+            self.correct += correct.sum().item()
             self.labelled += labels.numel()
+            self.exit_correct += correct.tolist()
 
     def _measure(self, sample: Tensor) -> None:
         _forward(self.model, sample)  # a wrong input shape is reported as such, before measuring
         self.input_shape = tuple(sample.shape)
         where = f"its layers, at input shape {tuple(sample.shape[1:])}"
-        if self.gated:
+        if self.exits:
+            with internal_errors("measuring the exits' MACs", where):
+                self.exit_costs = measure_exit_costs(self.model, sample)
+            self.costs = self.exit_costs.blocks
+            self.dense_macs = self.costs.dense_macs if self.gated else sum(self.exit_costs.segment_macs)
+        elif self.gated:
             with internal_errors("measuring the blocks' MACs", where):
                 self.costs = measure_costs(self.model, self.model.gatekit.sites, sample)
             self.dense_macs = self.costs.dense_macs
@@ -240,18 +279,25 @@ class _Tally:
             with internal_errors("counting the dense model's MACs", where):
                 self.dense_macs = static_macs(self.model, sample)
 
-    def _add_blocks(self) -> None:
+    def _add_blocks(self, taken: Tensor | None) -> None:
         for index, (site, (name, gate)) in enumerate(zip(self.model.gatekit.sites, gates_of(self.model).items())):
             with internal_errors("adding up the blocks' rates", site.add_node, block=site.name):
-                self._add_block(index, name, gate)
+                # With exits, a block runs only for the samples that had not left before its segment.
+                reached = None if taken is None else (taken >= self.exit_costs.block_segments[index]).float()
+                self._add_block(index, name, gate, reached)
 
-    def _add_block(self, index: int, name: str, gate: Gate) -> None:
-        runs = executed_layers(gate)
+    def _add_block(self, index: int, name: str, gate: Gate, reached: Tensor | None) -> None:
+        runs = executed_layers(gate).cpu()
         channels = executed_channels(gate)
+        channels = None if channels is None else channels.cpu()
+        gate_runs = runs.numel()
+        if reached is not None:
+            runs, gate_runs = runs * reached, reached.sum().item()
+            channels = None if channels is None else channels * reached[:, None]
         channel_sum = (channels.mean(1) if channels is not None else runs).sum().item()
         branch, scaled = self.costs.branch_macs[index], self.costs.channel_macs[index]
         fraction = channels.mean(1) if channels is not None else runs
-        macs = gate.macs * runs.numel() + (runs * (branch - scaled) + fraction * scaled).sum().item()
+        macs = gate.macs * gate_runs + (runs * (branch - scaled) + fraction * scaled).sum().item()
         sums = self.block_sums.setdefault(name, [0.0, 0.0, 0.0])
         sums[0] += runs.sum().item()
         sums[1] += channel_sum
@@ -265,6 +311,8 @@ class _Tally:
             for i, (name, (runs, channels, macs)) in enumerate(self.block_sums.items())
         )
         gate_macs = sum(g.macs for g in gates_of(self.model).values()) if self.gated else 0
+        if self.exits:
+            gate_macs += sum(self.exit_costs.head_macs)
         return Profile(
             dense_macs=self.dense_macs,
             per_sample_macs=tuple(int(m) for m in self.per_sample),
@@ -272,7 +320,25 @@ class _Tally:
             blocks=blocks,
             accuracy=self.correct / self.labelled if self.labelled else None,
             input_shape=self.input_shape,
+            exits=self._exits() if self.exits else (),
+            per_sample_exits=tuple(self.per_sample_exits),
         )
+
+    def _exits(self) -> tuple[ExitProfile, ...]:
+        taken = torch.tensor(self.per_sample_exits)
+        macs = torch.tensor(self.per_sample, dtype=torch.float64)
+        correct = torch.tensor(self.exit_correct, dtype=torch.float64) if self.labelled == self.samples else None
+        names = [site.name for site in exits_of(self.model).sites] + ["final"]
+        rows = []
+        for index, name in enumerate(names):
+            left = taken == index
+            count = int(left.sum())
+            rows.append(ExitProfile(
+                name=name, rate=count / self.samples,
+                accuracy=None if correct is None or not count else correct[left].mean().item(),
+                mean_macs=macs[left].mean().item() if count else 0.0,
+            ))
+        return tuple(rows)
 
 
 def _forward(model: nn.Module, inputs: Tensor) -> Tensor:
@@ -296,23 +362,3 @@ def _sample_count(data: Any, max_samples: int | None) -> int | None:
     if max_samples is None:
         return count
     return max_samples if count is None else min(count, max_samples)
-
-
-def _as_batches(data: Any, batch_size: int) -> Iterable:
-    if isinstance(data, Tensor):
-        data = TensorDataset(data)
-    if isinstance(data, Dataset):
-        data = DataLoader(data, batch_size=batch_size)
-    return data
-
-
-def _split(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """(inputs, labels or None) from a batch of inputs, of (inputs,) or of (inputs, labels)."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], Tensor):
-        return batch[0], batch[1] if len(batch) == 2 else None
-    raise GatekitError(
-        f"cannot read a batch of type {type(batch).__name__}: give inputs, (inputs, labels) pairs, "
-        f"a Dataset of those, or a DataLoader."
-    )
