@@ -15,6 +15,7 @@ from torch import nn
 
 from ._devices import usable_device
 from ._layer_shapes import apply_layer_shapes
+from .exits import exits_of, has_exits
 from ._model_identity import build, default_input_shape, describe, identify, named_builder
 from ._source import SOURCE_ATTRIBUTE
 from ._version import __version__
@@ -60,7 +61,12 @@ def save(
         source = named_builder(builder)
     else:
         source = info.source if info is not None else getattr(model, SOURCE_ATTRIBUTE, None)
-    recipe = identify(info.description if info is not None else describe(model), source)
+    exits = exits_of(model) if has_exits(model) else None
+    if info is not None:
+        description = info.description
+    else:  # a plain model with exits is described as it was before they were added
+        description = exits.description if exits is not None else describe(model)
+    recipe = identify(description, source)
     state_dict = model.state_dict()
     input_shape = info.input_shape if info is not None else default_input_shape(recipe.name, model)
     torch.save(
@@ -76,6 +82,8 @@ def save(
             "input_shape": list(input_shape),
             # gatekit.compact's fold plans, applied again after conversion: plain data, no code.
             "compaction": [list(plan) for plan in info.compaction] if info is not None else [],
+            # gatekit.add_exits's options, applied last; thresholds are buffers of the state_dict.
+            **({"exits": dict(exits.options)} if exits is not None else {}),
             "state_dict": state_dict,
             "checksum": _checksum(state_dict),
         },
@@ -112,6 +120,8 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         ) from error
     if checkpoint.get("compaction"):
         gated = _compacted(path, gated, checkpoint["compaction"])
+    if "exits" in checkpoint:
+        gated = _with_exits(path, gated, checkpoint["exits"], example_input)
     try:
         gated.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -129,6 +139,22 @@ def _reshaped(path: str | os.PathLike, model: nn.Module, layer_shapes: Any) -> N
         raise GatekitError(
             f"{path} has a malformed 'layer_shapes' field ({error}): it was not written by gatekit.save, "
             f"or was edited. Save the model again."
+        ) from error
+
+
+def _with_exits(path: str | os.PathLike, model: nn.Module, options: Any, example_input: torch.Tensor) -> nn.Module:
+    from .exits import add_exits
+
+    if not isinstance(options, dict) or not isinstance(options.get("at"), list):
+        raise GatekitError(
+            f"{path} has a malformed 'exits' field: it was not written by gatekit.save, or was edited. "
+            f"Save the model again."
+        )
+    try:
+        return add_exits(model, example_input=example_input, inplace=True, **options)
+    except TypeError as error:
+        raise GatekitError(
+            f"{path} has exit options this gatekit does not take ({error}): load it with the gatekit that wrote it."
         ) from error
 
 

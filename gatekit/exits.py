@@ -22,6 +22,7 @@ from ._tracing import trace_model
 from .errors import GatekitError, NoResidualBlockError
 from .exit_head import ExitHead
 from .exit_policy import RULES, ExitPolicy
+from ._model_identity import describe
 from .gated_model import SOURCE_ATTRIBUTE, GatekitInfo, gate_key, unwrapped
 
 HEADS = "gatekit_exit_heads"
@@ -56,6 +57,8 @@ class ExitInfo:
         dense_macs: per-sample MACs of the network without its heads (and without gates).
         input_shape: the example input's shape the costs were measured at.
         costs: the :class:`gatekit.exit_macs.ExitCosts` at ``input_shape``.
+        description: what :func:`gatekit.save` needs to identify a plain model's builder, read
+            before the exits were added (None for a gated model: its ``gatekit`` info has it).
     """
 
     sites: tuple[ExitSite, ...]
@@ -63,6 +66,7 @@ class ExitInfo:
     dense_macs: int = 0
     input_shape: tuple[int, ...] = ()
     costs: Any = None
+    description: Any = None
 
 
 def add_exits(
@@ -112,6 +116,7 @@ def add_exits(
     """
     _check_options(model, at, pool, hidden, rule)
     source = getattr(model, SOURCE_ATTRIBUTE, None)
+    description = None if isinstance(getattr(model, "gatekit", None), GatekitInfo) else describe(model)
     graph_module, sites = _graph_and_sites(model, example_input, leaf_modules, autowrap_functions, inplace)
     chosen = _choose(sites, at, model)
     output = _output_node(graph_module, model)
@@ -134,6 +139,7 @@ def add_exits(
         sites=tuple(chosen),
         options=dict(at=[site.name for site in chosen], pool=pool, hidden=hidden, rule=rule),
         input_shape=tuple(example.shape),
+        description=description,
     )
     attach_exit_info(graph_module, info)
     info.dense_macs = backbone_macs(graph_module, example)

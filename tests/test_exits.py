@@ -261,3 +261,26 @@ def test_labels_needed_without_full_distillation(resnet8):
     exits = gatekit.add_exits(resnet8).eval()
     with pytest.raises(gatekit.GatekitError, match="labels"):
         gatekit.fit_exits(exits, X, distill=0.5)
+
+
+def test_save_and_load_keep_exits_and_thresholds(resnet8, tmp_path):
+    exits = gatekit.add_exits(resnet8, at=["layer2.0"], pool=2, rule="margin").eval()
+    gatekit.fit_exits(exits, _labelled(resnet8, count=32), epochs=2, batch_size=16)
+    exits.gatekit_exit_policy.thresholds.fill_(0.3)
+    gatekit.save(exits, tmp_path / "exits.pt")
+    loaded = gatekit.load(tmp_path / "exits.pt")
+    assert torch.equal(loaded(X), exits(X))
+    assert torch.equal(loaded.gatekit_exit_policy.taken, exits.gatekit_exit_policy.taken)
+    assert loaded.gatekit_exits.options == exits.gatekit_exits.options
+    assert loaded.gatekit_exit_policy.rule == "margin"
+
+
+def test_save_and_load_a_gated_model_with_exits(tmp_path):
+    torch.manual_seed(0)
+    gated = gatekit.convert(get_model("cifar/resnet8"), gates="channel").eval()
+    exits = gatekit.add_exits(gated).eval()
+    exits.gatekit_exit_policy.thresholds.fill_(0.2)
+    gatekit.save(exits, tmp_path / "gated.pt")
+    loaded = gatekit.load(tmp_path / "gated.pt")
+    assert torch.equal(loaded(X), exits(X))
+    assert torch.equal(gatekit.exit_macs(loaded), gatekit.exit_macs(exits))
