@@ -18,7 +18,8 @@ from .channel_path import gated_path, is_conv, layer_width
 from .channel_path import register_channelwise_module  # noqa: F401  (adapters import it from here)
 from ._sites import GateSite, _Ancestry, _Candidate
 from .macs import node_macs
-from .skipped_sites import INTERNAL, SHARED_LAYER, SkippedSite, live_nodes, one_gate_per_layer, why_not_gated
+from ._graph import checks_on
+from .skipped_sites import INTERNAL, SHARED_LAYER, GraphFacts, SkippedSite, one_gate_per_layer, why_not_gated
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -89,7 +90,7 @@ def discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[Skipped
     """
     ancestry = _Ancestry(graph_module.graph)
     macs = node_macs(graph_module)
-    live = live_nodes(graph_module.graph)
+    facts = GraphFacts.of(graph_module.graph)
     outcomes: list[tuple[fx.Node, dict | SkippedSite]] = []
     for add in graph_module.graph.nodes:
         if not _is_residual_add(add):
@@ -98,12 +99,12 @@ def discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[Skipped
         if candidate is None:
             continue
         try:
-            problem = why_not_gated(graph_module, ancestry, candidate, live)
+            problem = why_not_gated(graph_module, ancestry, candidate, facts)
             if problem is not None:
                 node, kind, reason = problem
                 outcomes.append((add, SkippedSite("", add.name, node.name, kind, reason)))
             else:
-                outcomes.append((add, _site_fields(graph_module, ancestry, macs, candidate)))
+                outcomes.append((add, _site_fields(graph_module, ancestry, macs, candidate, facts.needed)))
         except Exception as error:  # noqa: BLE001  (reported as a skipped site, never lost)
             reason = (
                 f"gatekit failed analysing it ({type(error).__name__}: {error}); this is a gatekit bug, "
@@ -125,11 +126,15 @@ def discover(graph_module: fx.GraphModule) -> tuple[list[GateSite], list[Skipped
     return [s for s in found if isinstance(s, GateSite)], [s for s in found if isinstance(s, SkippedSite)]
 
 
-def _site_fields(graph_module: fx.GraphModule, ancestry: _Ancestry, macs: dict[fx.Node, int], candidate: _Candidate) -> dict:
+def _site_fields(
+    graph_module: fx.GraphModule, ancestry: _Ancestry, macs: dict[fx.Node, int], candidate: _Candidate, needed: set[fx.Node]
+) -> dict:
     """Every :class:`GateSite` field but the name, for a candidate that can be gated."""
     block_input, branch_output, branch = candidate.block_input, candidate.branch_output, candidate.branch
     convs = sorted((n for n in branch if is_conv(graph_module, n)), key=ancestry.order.__getitem__)
     ordered = sorted(branch, key=ancestry.order.__getitem__)
+    # The checks on branch values are skipped with it (sparse execution moves them into the branch).
+    skipped_with = sorted(branch | checks_on(branch, needed), key=ancestry.order.__getitem__)
     path = gated_path(graph_module, block_input, branch_output, ordered, convs[0])
     consumer = path.consumer
     scaled = list(path.roles)  # the layers whose cost follows the number of channels on
@@ -144,9 +149,9 @@ def _site_fields(graph_module: fx.GraphModule, ancestry: _Ancestry, macs: dict[f
         channel_gate_node=path.mask_after.name,
         branch_output_node=branch_output.name,
         add_node=candidate.add.name,
-        branch_macs=sum(macs.get(n, 0) for n in branch),
+        branch_macs=sum(macs.get(n, 0) for n in skipped_with),
         channel_macs=sum(macs.get(n, 0) for n in scaled),
-        branch_layers=tuple(n.name for n in ordered if n in macs),
+        branch_layers=tuple(n.name for n in skipped_with if n in macs),
         scaled_layers=tuple(n.name for n in scaled if n in macs),
         sliced_layers=tuple((n.name, role) for n, role in path.roles.items()),
         channel_dim=path.channel_dim,

@@ -4,6 +4,11 @@ A gate is sound when closing it removes the whole branch and nothing else: the b
 from one tensor (the gate reads it), read nothing but that tensor, and hand its values to nothing
 but the residual add. Multi-branch fusion stages (HRNet) break the last two: a branch value also
 feeds another resolution. Such an add is left as it is, and ``convert`` gates the rest.
+
+Sizes are not values: a branch may read a size computed outside it (a stage's height and width,
+without the batch dimension), the rest of the network may read sizes the branch computes from its
+input's shape, and an assert on a branch value goes with the branch (gatekit/_metadata.py,
+gatekit/_graph.py).
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from typing import Sequence
 
 import torch.fx as fx
 
-from ._graph import ancestors
+from ._graph import CHECKS, ancestors, checks_on, hanging_from
+from ._metadata import batch_free_sizes, input_metadata
 from ._sites import GateSite, _Ancestry, _Candidate
 from .errors import NoResidualBlockError, SkippedBlocksWarning, UngatableBlockError
 
@@ -43,8 +49,20 @@ INTERNAL = "gatekit failed analysing it"
 KINDS = (TUPLE_INPUT, SHARED_VALUE, FUSION, USED_OUTSIDE, SHARED_LAYER, INTERNAL)
 
 
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the analysis of every candidate reads about the whole graph, found once."""
+
+    needed: set[fx.Node]  # the output's ancestors: a user that only a check (or nothing) needs keeps no branch running
+    sizes: set[fx.Node]  # sizes and numbers without the batch dimension (gatekit/_metadata.py)
+
+    @classmethod
+    def of(cls, graph: fx.Graph) -> GraphFacts:
+        return cls(ancestors(n for n in graph.nodes if n.op == "output"), batch_free_sizes(graph))
+
+
 def why_not_gated(
-    graph_module: fx.GraphModule, ancestry: _Ancestry, candidate: _Candidate, live: set[fx.Node]
+    graph_module: fx.GraphModule, ancestry: _Ancestry, candidate: _Candidate, facts: GraphFacts
 ) -> tuple[fx.Node, str, str] | None:
     """(the node, one of :data:`KINDS`, the reason) that keeps a candidate block from being gated soundly, or None."""
     branch, shortcut, block_input = candidate.branch, candidate.shortcut, candidate.block_input
@@ -57,18 +75,66 @@ def why_not_gated(
         return node, SHARED_VALUE, f"the branch and the shortcut share the value '{node.name}'"
     for node in sorted(branch | shortcut, key=in_order):
         for parent in node.all_input_nodes:
-            reads_data = parent.op == "placeholder" or any(a.op == "placeholder" for a in ancestry(parent))
-            if reads_data and parent is not block_input and parent not in branch and parent not in shortcut:
+            outside = parent is not block_input and parent not in branch and parent not in shortcut
+            if outside and parent not in facts.sizes and _reads_data(ancestry, parent):
                 return node, FUSION, (
                     f"'{node.name}' also reads '{parent.name}', which does not come from the block input "
                     f"'{block_input.name}': a fusion of parallel paths, not a residual block"
+                    + ("" if _is_tensor(parent) else _BATCH_SIZE)
                 )
-    for node in sorted(branch, key=in_order):
+    ordered = sorted(branch, key=in_order)
+    # The block input's shape is there whether the branch runs or not: others may read it too.
+    free = input_metadata(ordered, block_input, facts.sizes)
+    for node in ordered:
         for user in node.users:
-            if user is not candidate.add and user not in branch and user in live:
+            if user is not candidate.add and user not in branch and user in facts.needed and node not in free:
                 return node, USED_OUTSIDE, (
                     f"the branch value '{node.name}' is also used outside the branch (by '{user.name}'), "
                     f"so closing the gate would not skip the branch"
+                )
+    return _unsound_side_effect(ancestry, candidate, facts)
+
+
+def _reads_data(ancestry: _Ancestry, node: fx.Node) -> bool:
+    """Whether ``node`` depends on the model's input (not only on parameters and constants)."""
+    return node.op == "placeholder" or any(a.op == "placeholder" for a in ancestry(node))
+
+
+# Why a number computed outside the block (not a tensor) counts as a fusion.
+_BATCH_SIZE = (
+    " (a number that involves the batch size: sparse execution runs the branch on the samples that "
+    "execute it, so a branch may read sizes from outside only without the batch dimension)"
+)
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return hasattr(node.meta.get("tensor_meta"), "shape")
+
+
+def _unsound_side_effect(ancestry: _Ancestry, candidate: _Candidate, facts: GraphFacts) -> tuple[fx.Node, str, str] | None:
+    """A side effect on branch values that cannot be skipped with the branch, or None.
+
+    What reads the branch without the output needing it goes with the branch when the gate closes
+    (sparse execution moves it into the skipped part). An assert on a branch value and the shape
+    reads before it (SK-ResNet's ``_assert(x.shape[1] == self.num_paths)``) check nothing when the
+    branch does not run; any other side effect, or a check that also reads a value from outside
+    the branch, would be lost or would keep the branch running.
+    """
+    branch, in_order = candidate.branch, ancestry.order.__getitem__
+    checks = checks_on(branch, facts.needed)
+    for node in sorted(hanging_from(branch, facts.needed), key=in_order):
+        if node.op in ("call_function", "call_module") and node.is_impure() and node.target not in CHECKS:
+            return node, USED_OUTSIDE, (
+                f"'{node.name}' reads a branch value for a side effect other than a check, which closing "
+                f"the gate would skip"
+            )
+    for node in sorted(checks, key=in_order):
+        for parent in node.all_input_nodes:
+            outside = parent not in branch and parent not in checks and parent is not candidate.block_input
+            if outside and parent not in facts.sizes and _reads_data(ancestry, parent):
+                return node, USED_OUTSIDE, (
+                    f"the check '{node.name}' on the branch also reads '{parent.name}' from outside it, so "
+                    f"it cannot be skipped with the branch"
                 )
     return None
 
@@ -97,11 +163,6 @@ def one_gate_per_layer(sites: Sequence[GateSite]) -> dict[str, tuple[str, str]]:
         else:
             claimed.update(dict.fromkeys(layers, site.name))
     return losers
-
-
-def live_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes the output or a side effect needs: a user that nothing needs keeps no branch running."""
-    return ancestors(n for n in graph.nodes if n.op == "output" or (n.op != "placeholder" and n.is_impure()))
 
 
 def describe(skipped: Sequence[SkippedSite]) -> str:

@@ -10,7 +10,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._fused_gate import FusedGate
-from ._graph import ancestors
+from ._graph import ancestors, checks_on, hanging_from
+from ._metadata import batch_free_sizes, input_metadata
 from ._internal import internal_errors
 from ._sliced import ChannelSet, memory_format_of, sliced
 from .blocks import GateSite
@@ -65,13 +66,14 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
     graph.output(outputs)
     nodes = {node.name: node for node in graph.nodes}
     sparse_blocks = nn.ModuleDict()
+    sizes = batch_free_sizes(graph)
     for site in info.sites:
         with internal_errors("building the sparse block", site.add_node, block=site.name):
             key = gate_key(site.name)
             gate = model.gatekit_gates[key]
-            branch = _branch_graph(model, graph, nodes, site, gate, cache_size, sparse_blocks)
+            branch, outside = _branch_graph(model, graph, nodes, site, gate, cache_size, sparse_blocks, sizes)
             sparse_blocks[key] = SparseBlock(gate, branch, strategy)
-            _route_through(graph, nodes, site, key)
+            _route_through(graph, nodes, site, key, outside)
     root = nn.Module()  # the gated model's modules and tensors, shared, plus the sparse blocks
     root._modules.update(model._modules)
     root._parameters.update(model._parameters)
@@ -149,7 +151,9 @@ class SparseBlock(nn.Module):
             raise GatekitError("a sparse model is for inference; finetune the gated model instead.")
         return self  # its gate and layers are the gated model's: their modes are the user's
 
-    def forward(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, shortcut: Tensor | None = None, *sizes: object) -> Tensor:
+        # ``sizes``: what the branch reads from outside it, sizes without the batch dimension (a
+        # stage's height and width, gatekit/_metadata.py); the same for any samples it runs on.
         if x.shape[0] == 0:
             return self._skipped(shortcut, x)
         # The only host round trip of the block: shapes depend on the decisions.
@@ -159,14 +163,14 @@ class SparseBlock(nn.Module):
                 return self._skipped(shortcut, x)
             branch = self._modules["branch"]  # nn.Module.__getattr__ costs about 0.6 µs
             if self.channels:
-                output = branch.forward(x, self._set_of(bits[: self.channels], x), None)
+                output = branch.forward(x, self._set_of(bits[: self.channels], x), None, *sizes)
             else:
-                output = branch.forward(x)
+                output = branch.forward(x, *sizes)
             return output if shortcut is None else output + shortcut
         decisions = np.frombuffer(bits, dtype=bool).reshape(x.shape[0], -1)
-        return self._run_batch(x, shortcut, decisions)
+        return self._run_batch(x, shortcut, decisions, sizes)
 
-    def _run_batch(self, x: Tensor, shortcut: Tensor | None, decisions: np.ndarray) -> Tensor:
+    def _run_batch(self, x: Tensor, shortcut: Tensor | None, decisions: np.ndarray, sizes: tuple) -> Tensor:
         rows = None
         if self.layer_gated and not decisions[:, -1].all():
             executing = np.flatnonzero(decisions[:, -1])
@@ -174,7 +178,10 @@ class SparseBlock(nn.Module):
                 return self._skipped(shortcut, x)
             decisions, rows = decisions[executing], torch.from_numpy(executing).to(x.device)
         inputs = x if rows is None else x[rows]  # indexing keeps a channels-last layout; index_select does not
-        output = self._run_channels(inputs, decisions[:, : self.channels]) if self.channels else self.branch(inputs)
+        if self.channels:
+            output = self._run_channels(inputs, decisions[:, : self.channels], sizes)
+        else:
+            output = self.branch(inputs, *sizes)
         if rows is None:
             return output if shortcut is None else output + shortcut
         if shortcut is None:
@@ -197,32 +204,32 @@ class SparseBlock(nn.Module):
             found = self._sets[key] = ChannelSet(index, int(row.sum()), key)
         return found
 
-    def _run_channels(self, inputs: Tensor, channel_decisions: np.ndarray) -> Tensor:
+    def _run_channels(self, inputs: Tensor, channel_decisions: np.ndarray, sizes: tuple) -> Tensor:
         if self.strategy == "union" or inputs.shape[0] == 1:
-            return self._run_union(inputs, channel_decisions)
+            return self._run_union(inputs, channel_decisions, sizes)
         # Per sample, but the samples that keep the same channels share one pass.
         channel_sets, set_of_sample = np.unique(channel_decisions, axis=0, return_inverse=True)
         if channel_sets.shape[0] == 1:
-            return self.branch(inputs, self._set_of(channel_sets[0].tobytes(), inputs), None)
+            return self.branch(inputs, self._set_of(channel_sets[0].tobytes(), inputs), None, *sizes)
         output = None
         for index in range(channel_sets.shape[0]):
             samples = torch.from_numpy(np.flatnonzero(set_of_sample.reshape(-1) == index)).to(inputs.device)
-            piece = self.branch(inputs[samples], self._set_of(channel_sets[index].tobytes(), inputs), None)
+            piece = self.branch(inputs[samples], self._set_of(channel_sets[index].tobytes(), inputs), None, *sizes)
             if output is None:
                 output = _new_batch(piece, inputs.shape[0])
             output.index_copy_(0, samples, piece)
         return output
 
-    def _run_union(self, inputs: Tensor, channel_decisions: np.ndarray) -> Tensor:
+    def _run_union(self, inputs: Tensor, channel_decisions: np.ndarray, sizes: tuple) -> Tensor:
         """One pass over the channels any sample keeps, each sample's own channels masked inside it."""
         union = channel_decisions.any(0)
         chosen = self._set_of(union.tobytes(), inputs)
         kept = channel_decisions[:, union]
         # No channel active: the sliced layers give zero-channel tensors, and the consumer its bias.
         if chosen.count == 0 or kept.all():  # samples sharing one set: every active channel is kept
-            return self.branch(inputs, chosen, None)
+            return self.branch(inputs, chosen, None, *sizes)
         mask = torch.from_numpy(np.ascontiguousarray(kept)).to(device=inputs.device, dtype=inputs.dtype)
-        return self.branch(inputs, chosen, mask)
+        return self.branch(inputs, chosen, mask, *sizes)
 
 
 # Distinct channel sets a block remembers before it starts its table again: a set is a few hundred
@@ -244,9 +251,10 @@ def _mask_channels(x: Tensor, mask: Tensor | None, channel_dim: int = 1) -> Tens
 
 def _branch_graph(
     model: fx.GraphModule, graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, gate: Gate, cache_size: int,
-    sparse_blocks: nn.ModuleDict,
-) -> fx.GraphModule:
-    """Copy a block's branch into its own GraphModule taking (x[, channels, mask]), layers sliced.
+    sparse_blocks: nn.ModuleDict, sizes: set[fx.Node],
+) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """Copy a block's branch into its own GraphModule taking (x[, channels, mask], *outside), layers
+    sliced; ``outside`` are the nodes of ``sizes`` (batch-free sizes) it reads from outside itself.
 
     A block nested in this one's branch was made sparse first (its add comes first): the copy calls
     its SparseBlock, from ``sparse_blocks``.
@@ -256,13 +264,21 @@ def _branch_graph(
     members = _between(block_input, branch_output)
     gate_nodes = {n for n in members if _is_gate_node(n)}
     branch = [n for n in graph.nodes if n in members and n not in gate_nodes]
-    _check_closed(site, branch, add)
+    # Users the output no longer needs do not count: the gate of a nested block made sparse before.
+    needed = ancestors([next(iter(reversed(graph.nodes)))])
+    _check_closed(site, branch, add, needed, block_input, sizes)
+    # An assert on branch values runs with the branch, and not when it is skipped (docs/design.md).
+    checks, hanging = checks_on(members, needed), hanging_from(members, needed)
+    reads = {parent for node in branch + list(checks) for parent in node.all_input_nodes}
+    inside = members | hanging | {block_input}
+    outside = [n for n in graph.nodes if n in reads and n in sizes and n not in inside]
 
     new_graph, modules = fx.Graph(), {}
     env = {block_input: new_graph.placeholder("x")}
     gated = gate.channel_head is not None
     active = new_graph.placeholder("channels") if gated else None
     mask = new_graph.placeholder("mask") if gated else None
+    env.update((node, new_graph.placeholder(f"size_{index}")) for index, node in enumerate(outside))
     roles = _channel_roles(nodes, site) if gated else {}
 
     def copied(node: fx.Node) -> fx.Node:
@@ -292,10 +308,14 @@ def _branch_graph(
             if node.op == "call_module":
                 nested = node.target.removeprefix("gatekit_sparse_blocks.")
                 modules[node.target] = sparse_blocks[nested] if nested != node.target else model.get_submodule(node.target)
+    for node in [n for n in graph.nodes if n in checks]:
+        env[node] = new_graph.node_copy(node, copied)
+    for node in reversed([n for n in graph.nodes if n in hanging]):
+        graph.erase_node(node)
     new_graph.output(env[branch_output])
     branch = fx.GraphModule(modules, new_graph, "Branch")
     _bind_called_modules(branch)
-    return branch
+    return branch, outside
 
 
 def _bind_called_modules(graph_module: fx.GraphModule) -> None:
@@ -327,19 +347,20 @@ def _channel_roles(nodes: dict[str, fx.Node], site: GateSite) -> dict[fx.Node, s
     return {nodes[name]: role for name, role in site.sliced_layers}
 
 
-def _route_through(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, key: str) -> None:
+def _route_through(graph: fx.Graph, nodes: dict[str, fx.Node], site: GateSite, key: str, outside: list[fx.Node]) -> None:
     """Replace the block's residual add by its SparseBlock, which adds the shortcut itself."""
     add = nodes[site.add_node]
     index = _branch_index(add, nodes[site.branch_output_node])
     args = list(add.args)
     with graph.inserting_before(add):
         if add.kwargs:  # torch.add(..., alpha=...): the block returns the branch, the add stays
-            args[index] = graph.call_module(f"gatekit_sparse_blocks.{key}", (_block_input(nodes, site),))
+            call = (_block_input(nodes, site), None, *outside) if outside else (_block_input(nodes, site),)
+            args[index] = graph.call_module(f"gatekit_sparse_blocks.{key}", call)
             # A zero scalar cannot be added to in place: the add becomes an out-of-place one.
             replacement = graph.call_function(torch.add, tuple(args), dict(add.kwargs))
         else:
             shortcut = args[1 - index]
-            replacement = graph.call_module(f"gatekit_sparse_blocks.{key}", (_block_input(nodes, site), shortcut))
+            replacement = graph.call_module(f"gatekit_sparse_blocks.{key}", (_block_input(nodes, site), shortcut, *outside))
     add.replace_all_uses_with(replacement)
     graph.erase_node(add)
     nodes[site.add_node] = replacement
@@ -389,13 +410,13 @@ def _between(start: fx.Node, end: fx.Node) -> set[fx.Node]:
     return found
 
 
-def _check_closed(site: GateSite, branch: list[fx.Node], add: fx.Node) -> None:
-    inside = set(branch)
-    # Users the output no longer needs do not count: the gate of a nested block made sparse before.
-    live = ancestors([next(iter(reversed(add.graph.nodes)))])
+def _check_closed(
+    site: GateSite, branch: list[fx.Node], add: fx.Node, needed: set[fx.Node], block_input: fx.Node, sizes: set[fx.Node]
+) -> None:
+    inside, free = set(branch), input_metadata(branch, block_input, sizes)  # sizes: read by others too
     for node in branch:
         for user in node.users:
-            if user not in inside and user is not add and user in live:
+            if user not in inside and user is not add and user in needed and node not in free:
                 raise GatekitError(
                     f"block '{site.name}': the branch value '{node.name}' is also used outside the "
                     f"branch (by '{user.name}'), so the branch cannot be skipped; use the gated "
