@@ -51,6 +51,7 @@ import timm
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: its helper modules
@@ -178,7 +179,9 @@ def _randomize_gates(gated: nn.Module, seed: int) -> None:
 
 
 def _flop_counter_macs(model: nn.Module, inputs: Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Attention on its math kernel: FlopCounterMode has no formula for the fused CPU kernel, and
+    # would count its matmuls as 0 (docs/macs.md).
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         model(inputs)
     return counter.get_total_flops() // 2
 

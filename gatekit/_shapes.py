@@ -10,7 +10,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ._source import SOURCE_ATTRIBUTE
 from .adapters import model_entry
+from ._op_macs import counting
 from .errors import GatekitError, NoResidualBlockError
+from .gate import Gate
 
 
 def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_input: Tensor | None) -> Tensor:
@@ -53,14 +55,37 @@ def _input_hint(model: nn.Module, example_input: Tensor) -> str:
     return "pass `example_input=` a tensor the model accepts."
 
 
+# Where the graph does not show the MACs, they are measured as the call runs (gatekit/macs.py).
+MEASURED_MACS = "gatekit_macs"
+# torch's own layers without MACs are not measured (it costs a few hundred µs a call); these have some.
+_TORCH_LAYERS_WITH_MACS = (nn.RNNBase, nn.Bilinear)
+
+
 class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers which node it ran last, to name it when one fails."""
+    """ShapeProp that remembers which node it ran last, to name it when one fails, and measures the
+    MACs of leaf modules and einsums (``node.meta["gatekit_macs"]``, for the whole example batch)."""
 
     current = "the input"
 
     def run_node(self, node: fx.Node) -> Any:
         self.current = node.target if node.op == "call_module" else node.name
-        return super().run_node(node)
+        if not self._measured(node):
+            return super().run_node(node)
+        with counting() as counter:
+            result = super().run_node(node)
+        node.meta[MEASURED_MACS] = counter.macs
+        return result
+
+    def _measured(self, node: fx.Node) -> bool:
+        if node.op == "call_function":
+            return node.target is torch.einsum
+        if node.op != "call_module":
+            return False
+        module = self.fetch_attr(node.target)
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, Gate)):
+            return False  # conv and linear layers: counted from their shapes; a gate's MACs are its own
+        plain = type(module).__module__.startswith("torch.nn.") and not any(True for _ in module.children())
+        return not plain or isinstance(module, _TORCH_LAYERS_WITH_MACS)
 
 
 def _default_example_input(model: nn.Module) -> Tensor:

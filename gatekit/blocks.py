@@ -137,7 +137,9 @@ def _site_fields(
     skipped_with = sorted(branch | checks_on(branch, needed), key=ancestry.order.__getitem__)
     path = gated_path(graph_module, block_input, branch_output, ordered, convs[0])
     consumer = path.consumer
-    scaled = list(path.roles)  # the layers whose cost follows the number of channels on
+    # The layers whose cost follows the number of channels on. Another module on the way (a leaf
+    # module registered as channel-wise) runs at full width in sparse execution: its MACs do not scale.
+    scaled = [n for n in path.roles if isinstance(graph_module.get_submodule(n.target), (nn.modules.conv._ConvNd, nn.Linear))]
     return dict(
         in_channels=int(block_input.meta["tensor_meta"].shape[1]),
         channels=layer_width(graph_module.get_submodule(path.layer.target)),
