@@ -59,13 +59,15 @@ def batch_free_sizes(graph: fx.Graph) -> set[fx.Node]:
         if is_metadata_read(node):
             tensor = node.args[0]
             rank = len(tensor.meta["tensor_meta"].shape) if isinstance(tensor, fx.Node) and _is_tensor(tensor) else None
-            if node.target in ("shape", "size") and len(node.args) == (2 if node.target == "shape" else 1):
+            read = node.args[1] if node.op == "call_function" else node.target  # getattr(x, "shape"), x.size()
+            if read == "shape" or (read == "size" and len(node.args) == 1 and not node.kwargs):
                 if rank is not None:
                     sizes[node] = rank
-            elif node.target == "size":  # x.size(k)
-                if rank is not None and _dimension(node.args[1], rank) not in (0, None):
+            elif read == "size":  # x.size(k)
+                dimension = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                if rank is not None and _dimension(dimension, rank) not in (0, None):
                     free.add(node)
-            elif node.target not in ("numel",):  # dtype, device, ndim, ...
+            elif read != "numel":  # dtype, device, ndim, ...
                 free.add(node)
         elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in sizes:
             rank, index = sizes[node.args[0]], node.args[1]

@@ -107,6 +107,14 @@ _BATCH_SIZE = (
 )
 
 
+def _has_side_effect(node: fx.Node) -> bool:
+    """An impure call (fx's list), or a method that writes into a tensor (``x[0] = v``, ``x.add_(1)``),
+    which fx does not count as impure."""
+    if node.op == "call_method":
+        return node.target == "__setitem__" or (node.target.endswith("_") and not node.target.startswith("_"))
+    return node.op in ("call_function", "call_module") and node.is_impure()
+
+
 def _is_tensor(node: fx.Node) -> bool:
     return hasattr(node.meta.get("tensor_meta"), "shape")
 
@@ -123,7 +131,7 @@ def _unsound_side_effect(ancestry: _Ancestry, candidate: _Candidate, facts: Grap
     branch, in_order = candidate.branch, ancestry.order.__getitem__
     checks = checks_on(branch, facts.needed)
     for node in sorted(hanging_from(branch, facts.needed), key=in_order):
-        if node.op in ("call_function", "call_module") and node.is_impure() and node.target not in CHECKS:
+        if _has_side_effect(node) and node.target not in CHECKS:
             return node, USED_OUTSIDE, (
                 f"'{node.name}' reads a branch value for a side effect other than a check, which closing "
                 f"the gate would skip"
