@@ -316,7 +316,7 @@ torch {environment['torch']}, timm {environment['timm']}), in
 variant suffix; the smallest-looking member), random weights (`pretrained=False`), at {size}x{size}, batch 2,
 at most {seconds} s each. Outcomes: **ok** (converts; open gates keep the function; sparse ==
 masked with random gates; the MAC columns say whether gatekit's counts equal `FlopCounterMode` / 2,
-which also counts attention matmuls gatekit's convention leaves out), **no residual block** (no add joins a
+attention on its math kernel, docs/macs.md), **no residual block** (no add joins a
 convolution branch to its input: transformers, MLPs, plain CNNs), **not traceable** (torch.fx cannot trace
 the model: `TraceError`), **input too small** (the original model fails at this size), **checks fail**,
 **refused**, **timeout**, **crash** (an exception other than `GatekitError`: a gatekit bug).

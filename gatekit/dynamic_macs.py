@@ -14,7 +14,8 @@ from .macs import BlockCosts
 
 
 def dynamic_macs(model: nn.Module, costs: BlockCosts | None = None) -> Tensor:
-    """Exact conv + linear MACs each sample of the last batch cost, as an int64 tensor [B].
+    """Exact MACs each sample of the last batch cost (conv, linear, matmul, attention, leaf
+    modules: gatekit.macs), as an int64 tensor [B].
 
     A skipped block costs only its gate; a block running ``k`` of its ``N'`` gated filters costs its
     first conv, the depthwise convs after it and its consumer conv times ``k / N'``, plus the rest of

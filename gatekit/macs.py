@@ -144,7 +144,8 @@ class BlockCosts:
 
 
 def static_macs(model: nn.Module, example_input: Tensor) -> int:
-    """Per-sample conv + linear MACs of ``model`` on inputs shaped like ``example_input``.
+    """Per-sample MACs of ``model`` on inputs shaped like ``example_input`` (the module docstring
+    says what counts).
 
     For a gated model this is the dense cost of the network it gates, without the gates.
 
