@@ -15,7 +15,8 @@ from torch import nn
 
 from ._devices import usable_device
 from ._layer_shapes import apply_layer_shapes
-from .exits import exits_of, has_exits
+from ._exit_info import exits_of, has_exits
+from .exits import add_exits
 from ._model_identity import build, default_input_shape, describe, identify, named_builder
 from ._source import SOURCE_ATTRIBUTE
 from ._version import __version__
@@ -143,8 +144,6 @@ def _reshaped(path: str | os.PathLike, model: nn.Module, layer_shapes: Any) -> N
 
 
 def _with_exits(path: str | os.PathLike, model: nn.Module, options: Any, example_input: torch.Tensor) -> nn.Module:
-    from .exits import add_exits
-
     if not isinstance(options, dict) or not isinstance(options.get("at"), list):
         raise GatekitError(
             f"{path} has a malformed 'exits' field: it was not written by gatekit.save, or was edited. "

@@ -29,6 +29,10 @@ class UngatableBlockError(GatekitError):
     """``convert(..., strict=True)`` met a residual block it cannot gate; the message says why."""
 
 
+class ExitsError(GatekitError):
+    """A model cannot take exits as asked, or has none where exits were needed."""
+
+
 class InternalError(GatekitError):
     """An unexpected failure inside gatekit (a bug, or a pattern it does not know); the message
     names the step, the block and the node, and a way around it."""

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ._batches import as_batches, split_batch
 from .errors import GatekitError
 from .exit_macs import exit_costs_per_sample, measure_exit_costs
-from .exits import exit_policy, exits_of
+from ._exit_info import exit_policy, exits_of
 
 # Thresholds tried: this many quantiles of the calibration confidences (plus "never leave").
 _CANDIDATES = 400

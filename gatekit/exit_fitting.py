@@ -7,7 +7,7 @@ batch-norm statistic can move.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ._batches import as_batches, split_batch
 from .errors import GatekitError
-from .exits import exit_heads, exit_policy
+from ._exit_info import exit_heads, exit_policy
 from .losses.exit_loss import distillation
 
 

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from ._shapes import propagate_shapes
 from .dynamic_macs import block_macs
-from .exits import HEADS, POLICY, exit_heads, exit_policy, exits_of
+from ._exit_info import HEADS, POLICY, exit_heads, exit_policy, exits_of
+from .errors import ExitsError
 from .gated_model import GatekitInfo, unwrapped
 from .macs import BlockCosts, measure_costs, node_macs
 
@@ -106,9 +107,7 @@ def exit_macs(model: nn.Module, costs: ExitCosts | None = None) -> Tensor:
     return every.gather(1, policy.taken.cpu().long()[:, None]).squeeze(1)
 
 
-def exit_forward_error(step: str, *, eval_mode: bool = False):
-    from .exits import ExitsError
-
+def exit_forward_error(step: str, *, eval_mode: bool = False) -> ExitsError:
     mode = " in eval mode (`model.eval()`)" if eval_mode else ""
     return ExitsError(f"{step} needs the exits' decisions: run the model on a batch{mode} first.")
 

@@ -8,7 +8,6 @@ so a plain, gated, compacted or statically pruned network takes them alike.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,54 +18,15 @@ from ._internal import internal_errors
 from ._module_lookups import hoist_module_lookups
 from ._shapes import propagate_shapes
 from ._tracing import trace_model
-from .errors import GatekitError, NoResidualBlockError
+from ._exit_info import HEADS, POLICY, ExitInfo, ExitSite, attach_exit_info, exits_of, has_exits
+from .errors import ExitsError
 from .exit_head import ExitHead
+from .exit_macs import backbone_macs, measure_exit_costs
 from .exit_policy import RULES, ExitPolicy
 from ._model_identity import describe
-from .gated_model import SOURCE_ATTRIBUTE, GatekitInfo, gate_key, unwrapped
+from .gated_model import SOURCE_ATTRIBUTE, GatekitInfo, gate_key
 
-HEADS = "gatekit_exit_heads"
-POLICY = "gatekit_exit_policy"
 PLACEMENTS = ("blocks", "stages")
-
-
-class ExitsError(GatekitError):
-    """A model cannot take exits as asked, or has none where exits were needed."""
-
-
-@dataclass(frozen=True)
-class ExitSite:
-    """Where an exit can go: the output of block ``name``, which is the fx node ``node`` (the input
-    of the next block, ``next_block``). ``channels`` is its channel count; ``stage_end`` is true when
-    the next block changes the shape (a projection or pooled shortcut starts a new stage)."""
-
-    name: str
-    node: str
-    next_block: str
-    channels: int
-    stage_end: bool
-
-
-@dataclass
-class ExitInfo:
-    """Stored as ``model.gatekit_exits`` by :func:`add_exits`.
-
-    Attributes:
-        sites: the exits, in graph order; ``exits[i]`` is ``model.gatekit_exit_heads[key]``.
-        options: the :func:`add_exits` options, enough to add the same exits again.
-        dense_macs: per-sample MACs of the network without its heads (and without gates).
-        input_shape: the example input's shape the costs were measured at.
-        costs: the :class:`gatekit.exit_macs.ExitCosts` at ``input_shape``.
-        description: what :func:`gatekit.save` needs to identify a plain model's builder, read
-            before the exits were added (None for a gated model: its ``gatekit`` info has it).
-    """
-
-    sites: tuple[ExitSite, ...]
-    options: dict[str, Any] = field(default_factory=dict)
-    dense_macs: int = 0
-    input_shape: tuple[int, ...] = ()
-    costs: Any = None
-    description: Any = None
 
 
 def add_exits(
@@ -132,8 +92,6 @@ def add_exits(
         graph_module.graph.lint()
         graph_module.recompile()
         hoist_module_lookups(graph_module)
-    from .exit_macs import backbone_macs, measure_exit_costs  # imported here: exit_macs imports this module
-
     example = torch.zeros(_input_shape(graph_module), device=reference.device, dtype=reference.dtype)
     info = ExitInfo(
         sites=tuple(chosen),
@@ -169,38 +127,6 @@ def exit_sites(
     """
     _check_model(model)
     return _graph_and_sites(model, example_input, leaf_modules, autowrap_functions, inplace=False)[1]
-
-
-def exits_of(model: nn.Module) -> ExitInfo:
-    """``model.gatekit_exits``, or ExitsError naming the fix."""
-    info = getattr(unwrapped(model), "gatekit_exits", None)
-    if not isinstance(info, ExitInfo):
-        raise ExitsError(
-            f"{type(model).__name__} has no exit heads. Add them first: `model = gatekit.add_exits(model)`."
-        )
-    return info
-
-
-def has_exits(model: nn.Module) -> bool:
-    return isinstance(getattr(unwrapped(model), "gatekit_exits", None), ExitInfo)
-
-
-def exit_heads(model: nn.Module) -> dict[str, ExitHead]:
-    """Map each exit's block name to its head, in graph order."""
-    info = exits_of(model)
-    heads = getattr(unwrapped(model), HEADS)
-    return {site.name: heads[gate_key(site.name)] for site in info.sites}
-
-
-def exit_policy(model: nn.Module) -> ExitPolicy:
-    exits_of(model)
-    return getattr(unwrapped(model), POLICY)
-
-
-def attach_exit_info(graph_module: fx.GraphModule, info: ExitInfo) -> None:
-    """Set ``graph_module.gatekit_exits``, and have torch.fx keep it through ``copy.deepcopy``."""
-    graph_module.gatekit_exits = info
-    graph_module.meta.setdefault("_user_preserved_attributes", {})["gatekit_exits"] = info
 
 
 def _check_options(model: Any, at: Any, pool: Any, hidden: Any, rule: Any) -> None:

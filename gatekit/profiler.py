@@ -17,7 +17,7 @@ from ._devices import usable_device
 from ._internal import internal_errors
 from .errors import GatekitError
 from .exit_macs import ExitCosts, exit_macs, measure_exit_costs
-from .exits import exit_policy, exits_of, has_exits
+from ._exit_info import exit_policy, exits_of, has_exits
 from .gate import Gate
 from .gated_model import GatekitInfo, gates_of
 from .losses._executed import executed_channels, executed_layers

@@ -17,7 +17,8 @@ from ._sliced import ChannelSet, memory_format_of, sliced
 from .blocks import GateSite
 from .errors import GatekitError
 from .gate import Gate, apply_channel_gate, apply_layer_gate
-from .gated_model import attach_info, gate_key, info_of
+from ._exit_info import exits_of, has_exits
+from .gated_model import GatekitInfo, attach_info, gate_key, info_of
 
 STRATEGIES = ("union", "per-sample")
 
@@ -40,8 +41,12 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
     records of the last forward untouched, so run the gated model for :func:`gatekit.dynamic_macs`.
     Measured speed: docs/sparse.md.
 
+    A model with exits (:func:`gatekit.add_exits`, gated or not) becomes an
+    :class:`gatekit.exit_runner.EarlyExitModel`: a sample that leaves at an exit stops there, and
+    the rest of the batch carries on without it.
+
     Args:
-        model: a gated model from :func:`gatekit.convert`.
+        model: a gated model from :func:`gatekit.convert`, or a model with exits.
         strategy: ``"union"`` or ``"per-sample"``, above.
         cache_size: how many channel sets each sliced conv keeps the sliced weights of (least
             recently used out; 0 slices on every call). An entry costs at most the conv's weights
@@ -60,6 +65,15 @@ def sparse(model: nn.Module, *, strategy: str = "union", cache_size: int = 8) ->
         raise GatekitError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}.")
     if cache_size < 0:
         raise GatekitError(f"cache_size={cache_size}: use 0 (no cache) or a positive number of channel sets.")
+    if has_exits(model):  # a gated model's blocks made sparse first, then the graph cut at its exits
+        from .exit_runner import split_at_exits
+
+        gated = isinstance(getattr(model, "gatekit", None), GatekitInfo)
+        return split_at_exits(_sparse_blocks(model, strategy, cache_size) if gated else model, exits_of(model))
+    return _sparse_blocks(model, strategy, cache_size)
+
+
+def _sparse_blocks(model: nn.Module, strategy: str, cache_size: int) -> fx.GraphModule:
     info = info_of(model)
     graph = fx.Graph()
     outputs = graph.graph_copy(model.graph, {})

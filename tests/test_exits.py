@@ -284,3 +284,43 @@ def test_save_and_load_a_gated_model_with_exits(tmp_path):
     loaded = gatekit.load(tmp_path / "gated.pt")
     assert torch.equal(loaded(X), exits(X))
     assert torch.equal(gatekit.exit_macs(loaded), gatekit.exit_macs(exits))
+
+
+def _mixed(model):
+    """``model`` with random heads and a threshold that sends part of X out at each exit."""
+    exits = gatekit.add_exits(model).eval()
+    torch.manual_seed(3)
+    for head in exits.gatekit_exit_heads.values():
+        torch.nn.init.normal_(head.classifier[0].weight, std=0.5)
+    exits(X)
+    confidences = exits.gatekit_exit_policy.confidences(exits.gatekit_exit_policy.exit_logits)
+    exits.gatekit_exit_policy.thresholds.copy_(torch.stack([confidences[:, 0].quantile(0.6), confidences[:, 1].quantile(0.5)]))
+    exits(X)
+    assert len(set(exits.gatekit_exit_policy.taken.tolist())) > 1  # the batch really mixes exits
+    return exits
+
+
+def test_sparse_exits_stop_and_equal_the_masked_model(resnet8):
+    exits = _mixed(resnet8)
+    fast = gatekit.sparse(exits)
+    torch.testing.assert_close(fast(X), exits(X), rtol=1e-5, atol=1e-5)  # smaller batches: other kernels
+    assert torch.equal(fast.taken, exits.gatekit_exit_policy.taken)
+    for i in range(len(X)):
+        torch.testing.assert_close(fast(X[i:i + 1]), exits(X[i:i + 1]), rtol=1e-5, atol=1e-5)
+        with FlopCounterMode(display=False) as counter:
+            fast(X[i:i + 1])
+        assert counter.get_total_flops() // 2 == gatekit.profile(exits, X[i:i + 1]).per_sample_macs[0]
+
+
+def test_sparse_exits_on_a_gated_model():
+    from test_macs import randomize_gates
+
+    torch.manual_seed(0)
+    gated = gatekit.convert(get_model("cifar/resnet8"))
+    randomize_gates(gated)
+    exits = _mixed(gated.eval())
+    fast = gatekit.sparse(exits)
+    torch.testing.assert_close(fast(X), exits(X), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast.taken, exits.gatekit_exit_policy.taken)
+    for i in range(3):
+        torch.testing.assert_close(fast(X[i:i + 1]), exits(X[i:i + 1]), rtol=1e-5, atol=1e-5)

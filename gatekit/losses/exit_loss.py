@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import GatekitError
 from ..exit_macs import exit_forward_error
-from ..exits import exit_policy
+from .._exit_info import exit_policy
 
 
 def exit_loss(
