@@ -44,7 +44,7 @@ class ExitCalibration:
 class _Outputs:
     """Everything the threshold search needs, per calibration sample."""
 
-    confidences: Tensor  # [N, exits], at temperature 1
+    confidences: Tensor  # [N, exits], at the policy's temperatures
     predictions: Tensor  # [N, exits + 1]
     costs: Tensor  # [N, exits + 1] MACs of leaving at each exit
     labels: Tensor | None
@@ -145,9 +145,9 @@ def _collect(model: nn.Module, data, batch_size: int) -> _Outputs:
     return _Outputs(policy.confidences(logits).cpu(), predictions, torch.cat(chunks["costs"]), labels, logits)
 
 
-def _taken(confidences: Tensor, threshold: float) -> Tensor:
-    leaves = torch.cat([confidences >= threshold, torch.ones_like(confidences[:, :1], dtype=torch.bool)], 1)
-    return leaves.to(torch.uint8).argmax(1)
+def _taken(policy, confidences: Tensor, threshold: float) -> Tensor:
+    """Each sample's exit were every threshold ``threshold``."""
+    return policy.decide(confidences, confidences.new_full(confidences.shape[1:], threshold))
 
 
 def _search(policy, outputs: _Outputs, max_macs: float | None, agreement: float | None) -> float:
@@ -158,7 +158,7 @@ def _search(policy, outputs: _Outputs, max_macs: float | None, agreement: float 
     final = outputs.predictions[:, -1]
     best, best_key = math.inf, None
     for threshold in candidates:
-        taken = _taken(outputs.confidences, threshold)
+        taken = _taken(policy, outputs.confidences, threshold)
         chosen = outputs.predictions.gather(1, taken[:, None]).squeeze(1)
         macs = outputs.costs.gather(1, taken[:, None]).double().mean().item()
         agrees = (chosen == final).double().mean().item()
@@ -179,7 +179,7 @@ def _search(policy, outputs: _Outputs, max_macs: float | None, agreement: float 
 
 
 def _summary(policy, outputs: _Outputs, reference: int) -> ExitCalibration:
-    taken = _taken(outputs.confidences, policy.thresholds[0].item())
+    taken = _taken(policy, outputs.confidences, policy.thresholds[0].item())
     chosen = outputs.predictions.gather(1, taken[:, None]).squeeze(1)
     rates = torch.bincount(taken, minlength=outputs.predictions.shape[1]).double() / len(taken)
     return ExitCalibration(

@@ -79,8 +79,10 @@ def backbone_macs(model: fx.GraphModule, example_input: Tensor) -> int:
 
 def exit_costs_per_sample(model: nn.Module, costs: ExitCosts | None = None) -> Tensor:
     """What each sample of the last forward would have cost leaving at each exit, [B, exits + 1]
-    (the last column: reaching the final head). Gated blocks count the decisions of that forward."""
-    costs = costs or measure_exit_costs(model)
+    (the last column: reaching the final head). Gated blocks count the decisions of that forward.
+    ``costs``: at the input size of that forward; by default those measured when the exits were
+    added. Measuring here would run the model again and replace the records being counted."""
+    costs = costs or exits_of(model).costs
     policy = exit_policy(model)
     if policy.final_logits is None:
         raise exit_forward_error("counting exit MACs")

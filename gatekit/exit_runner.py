@@ -28,10 +28,9 @@ class EarlyExitModel(nn.Module):
     After a forward, ``taken`` holds each sample's exit index (``len(exits)``: the final head).
     """
 
-    def __init__(self, segments: list[fx.GraphModule], carried: list[list[str]], policy: ExitPolicy) -> None:
+    def __init__(self, segments: list[fx.GraphModule], policy: ExitPolicy) -> None:
         super().__init__()
-        self.segments = nn.ModuleList(segments)
-        self.carried = carried  # per segment, the names of the values it returns (its head's logits last)
+        self.segments = nn.ModuleList(segments)  # each returns what later ones need, its head's logits last
         self.policy = policy
         self.taken: Tensor | None = None
 
@@ -107,10 +106,7 @@ def split_at_exits(model: fx.GraphModule, info: ExitInfo) -> EarlyExitModel:
         members = [node for node in body if segment_of[node] == k and node.op != "placeholder"]
         outputs = final if k == count - 1 else (*carried[k], heads[k])
         segments.append(_segment_module(model, inputs, members, outputs))
-    policy = _module(model, policy_node)
-    runner = EarlyExitModel(segments, [[n.name for n in nodes] for nodes in carried], policy)
-    runner.exit_names = [site.name for site in info.sites]
-    return runner
+    return EarlyExitModel(segments, _module(model, policy_node))
 
 
 def _segment_module(model: fx.GraphModule, inputs: list[fx.Node], members: list[fx.Node], outputs) -> fx.GraphModule:

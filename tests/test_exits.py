@@ -213,10 +213,15 @@ def test_a_budget_outside_the_unit_interval(resnet8, budget):
         gatekit.calibrate_exits(exits, X, budget=budget)
 
 
-def test_a_budget_below_the_earliest_exit(resnet8):
-    exits = gatekit.add_exits(resnet8).eval()
-    with pytest.raises(gatekit.GatekitError, match="first exit costs"):
-        gatekit.calibrate_exits(exits, X, budget=0.05)
+@pytest.mark.parametrize("training, targets, message", [
+    (False, dict(budget=0.05), "first exit costs"),
+    (True, dict(budget=0.5), "model.eval()"),
+    (False, dict(budget=0.5, agreement=0.99), "one target"),
+])
+def test_calibration_refuses(resnet8, training, targets, message):
+    exits = gatekit.add_exits(resnet8).train(training)
+    with pytest.raises(gatekit.GatekitError, match=message):
+        gatekit.calibrate_exits(exits, X, **targets)
 
 
 def test_empty_calibration_data(resnet8):
@@ -225,18 +230,6 @@ def test_empty_calibration_data(resnet8):
         gatekit.calibrate_exits(exits, torch.empty(0, 3, 32, 32), budget=0.5)
     with pytest.raises(gatekit.GatekitError, match="no sample"):
         gatekit.fit_exits(exits, torch.empty(0, 3, 32, 32), distill=1.0)
-
-
-def test_calibrating_in_training_mode(resnet8):
-    exits = gatekit.add_exits(resnet8).train()
-    with pytest.raises(gatekit.GatekitError, match="model.eval()"):
-        gatekit.calibrate_exits(exits, X, budget=0.5)
-
-
-def test_one_target_at_a_time(resnet8):
-    exits = gatekit.add_exits(resnet8).eval()
-    with pytest.raises(gatekit.GatekitError, match="one target"):
-        gatekit.calibrate_exits(exits, X, budget=0.5, agreement=0.99)
 
 
 def test_a_teacher_on_another_device(resnet8):
@@ -298,6 +291,17 @@ def _mixed(model):
     exits(X)
     assert len(set(exits.gatekit_exit_policy.taken.tolist())) > 1  # the batch really mixes exits
     return exits
+
+
+def test_exit_macs_count_the_last_forward_of_a_mixed_batch(resnet8):
+    exits = _mixed(resnet8)
+    exits(X)
+    taken = exits.gatekit_exit_policy.taken.clone()
+    counted = gatekit.exit_macs(exits)
+    assert torch.equal(exits.gatekit_exit_policy.taken, taken)  # counting does not run the model again
+    every = exit_costs_per_sample(exits)
+    assert torch.equal(counted, every[torch.arange(len(X)), taken])
+    assert counted.tolist() == list(gatekit.profile(exits, X).per_sample_macs)
 
 
 def test_sparse_exits_stop_and_equal_the_masked_model(resnet8):
