@@ -38,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--agreements", type=float, nargs="*", default=[])
     parser.add_argument("--reference-macs", type=int, default=DENSE_RESNET20_MACS)
     parser.add_argument("--test", action="store_true", help="also report test and test-jpeg (once, at the end)")
-    parser.add_argument("--save", type=Path, help="save the model with exits, calibrated to the first target")
+    parser.add_argument("--save-runs", type=Path, metavar="PREFIX",
+                        help="save the model calibrated to each budget as a run folder PREFIX-b<budget> "
+                             "(model.pt, summary.json), what experiments/report.py reads")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
@@ -66,20 +68,13 @@ def main(argv=None) -> dict:
         row = dict(target=kind, value=value, threshold=calibration.thresholds[0],
                    val_accuracy=calibration.accuracy, val_mac_fraction=calibration.mac_fraction,
                    val_agreement=calibration.agreement, val_exit_rates=calibration.exit_rates)
+        row.update(_measured("val", gatekit.profile(model, val, batch_size=500), args.reference_macs))
         if args.test:
             for split, name in (("test", "cifar10"), ("test-jpeg", "cifar10-jpeg")):
                 report = gatekit.profile(model, load_dataset(name, split="test"), batch_size=500)
-                macs = torch.tensor(report.per_sample_macs, dtype=torch.float64) / args.reference_macs
-                row.update({f"{split}_accuracy": report.accuracy, f"{split}_mac_fraction": macs.mean().item(),
-                            **{f"{split}_mac_p{p}": torch.quantile(macs, p / 100).item() for p in (5, 50, 95)}})
+                row.update(_measured(split, report, args.reference_macs))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if args.save and targets:
-        kind, value = targets[0]
-        gatekit.calibrate_exits(model, val, **{kind: value}, reference_macs=args.reference_macs,
-                                fit_temperatures=args.fit_temperatures)
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        gatekit.save(model, args.save)
     result = dict(
         command="python experiments/exits.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         date=time.strftime("%Y-%m-%d"), seconds=round(time.perf_counter() - began),
@@ -90,7 +85,24 @@ def main(argv=None) -> dict:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
+    for budget in args.budgets if args.save_runs else ():
+        gatekit.calibrate_exits(model, val, budget=budget, reference_macs=args.reference_macs,
+                                fit_temperatures=args.fit_temperatures)
+        run = args.save_runs.parent / f"{args.save_runs.name}-b{budget}"
+        run.mkdir(parents=True, exist_ok=True)
+        gatekit.save(model, run / "model.pt")
+        summary = {**result, "config": {**result["config"], "budgets": [budget]}, "rows": [
+            row for row in rows if row["target"] == "budget" and row["value"] == budget]}
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run / "command.txt").write_text(result["command"] + "\n")
     return result
+
+
+def _measured(split: str, report: gatekit.Profile, reference_macs: int) -> dict[str, float]:
+    """Accuracy, mean and p5 / p50 / p95 of the per-image MACs, as fractions of ``reference_macs``."""
+    macs = torch.tensor(report.per_sample_macs, dtype=torch.float64) / reference_macs
+    return {f"{split}_accuracy": report.accuracy, f"{split}_mac_fraction": macs.mean().item(),
+            **{f"{split}_mac_p{p}": torch.quantile(macs, p / 100).item() for p in (5, 50, 95)}}
 
 
 def _head_accuracy(model, data) -> dict[str, float]:

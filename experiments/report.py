@@ -26,6 +26,7 @@ METHOD_LABELS = {
     "dlcg": "DLCG (paper loss)", "dlcgraw": "DLCG (paper loss, raw channel rates)",
     "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
     "budget": "DLCG (MAC-budget loss)", "static": "Torch-Pruning static", "dense": "dense",
+    "exits-dense": "exits on dense ResNet20", "exits-static": "exits on static", "exits-dlcg": "exits on DLCG",
 }
 
 
@@ -45,6 +46,9 @@ def label(method: str, rows: list[dict]) -> str:
 
 
 def method_of(run: str) -> str:
+    """``static-f0.5`` -> ``static``; an exit run ``exits-<backbone>-b<budget>`` -> ``exits-<backbone's method>``."""
+    if run.startswith("exits-"):
+        return "exits-" + method_of(run.removeprefix("exits-").rsplit("-b", 1)[0])
     return run.split("-")[0]
 
 
@@ -84,7 +88,7 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in sorted(rows, key=lambda r: (r["method"], -r["val"]["mean_macs"])):
         config, val = row["config"], row["val"]
-        goal = config.get("target") or config.get("budget") or config.get("static_fraction") or ""
+        goal = config.get("target") or config.get("budget") or config.get("static_fraction") or (config.get("budgets") or [""])[0]
         cells = [label(row["method"], rows), row["run"],
                  _fmt(config.get("layer")), _fmt(config.get("channel")), _fmt(goal),
                  _rate(val["execution_rate"]), _rate(val["channel_rate"]), f"{100 * val['accuracy']:.2f}",
@@ -94,7 +98,8 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
     path.write_text("\n".join(lines) + "\n")
 
 
-GATED_MARKERS = {"dlcg": "o-", "dlcgraw": "v-", "channel": "s-", "aig": "^-", "budget": "D-"}  # curves in the plot
+GATED_MARKERS = {"dlcg": "o-", "dlcgraw": "v-", "channel": "s-", "aig": "^-", "budget": "D-",  # curves in the plot
+                 "exits-dense": "P--", "exits-static": "X--", "exits-dlcg": "h--"}
 COMPARED_FRACTIONS = (0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
 
 
@@ -120,14 +125,27 @@ def write_equal_macs(rows: list[dict], split: str, path: Path) -> None:
              "| % of MACs | " + " | ".join(label(m, rows) for m in methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
     for fraction in COMPARED_FRACTIONS:
-        values = [accuracy_at([(r[split]["mean_macs"] / reference, r[split]["accuracy"]) for r in rows
-                               if r["method"] == m], fraction) for m in methods]
+        values = [accuracy_at(points(rows, m, split, reference), fraction) for m in methods]
         cells = ["–" if v is None else f"{100 * v:.2f}" for v in values]
         lines.append(f"| {100 * fraction:.0f} | " + " | ".join(cells) + " |")
     dense = sorted((r[split]["mean_macs"] / reference, r["run"], r[split]["accuracy"])
                    for r in rows if r["method"] == "dense")
     lines += ["", "Dense: " + ", ".join(f"{run} {100 * a:.2f} % at {100 * f:.1f} %" for f, run, a in dense) + "."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def points(rows: list[dict], method: str, split: str, reference: float) -> list[tuple[float, float]]:
+    """(MAC fraction, accuracy) of a method's runs on ``split``. Exit runs on several backbones share
+    a budget: of those, the one best on val stands for the method (settings are chosen on val)."""
+    runs = [r for r in rows if r["method"] == method]
+    if method.startswith("exits-"):
+        best = {}
+        for r in runs:
+            budget = r["config"].get("budgets", [r["run"]])[0]
+            if budget not in best or r["val"]["accuracy"] > best[budget]["val"]["accuracy"]:
+                best[budget] = r
+        runs = list(best.values())
+    return [(r[split]["mean_macs"] / reference, r[split]["accuracy"]) for r in runs]
 
 
 def _rate(value: float | None) -> str:
@@ -149,15 +167,15 @@ def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, marker in GATED_MARKERS.items():
-        points = sorted((r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"]) for r in rows if r["method"] == method)
-        if points:
-            axes.plot(*zip(*points), marker, label=label(method, rows))
+        curve = sorted((x * 1e-6, 100 * y) for x, y in points(rows, method, split, 1.0))
+        if curve:
+            axes.plot(*zip(*curve), marker, label=label(method, rows))
     for method, marker in (("static", "x"), ("dense", "*")):
-        points = [(r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"], r["run"]) for r in rows if r["method"] == method]
-        if points:
-            axes.plot([p[0] for p in points], [p[1] for p in points], marker, markersize=10, linestyle="none",
+        marks = [(r[split]["mean_macs"] / 1e6, 100 * r[split]["accuracy"], r["run"]) for r in rows if r["method"] == method]
+        if marks:
+            axes.plot([m[0] for m in marks], [m[1] for m in marks], marker, markersize=10, linestyle="none",
                       label=label(method, rows))
-            for x, y, name in points:
+            for x, y, name in marks:
                 if method == "dense":
                     axes.annotate(name.removeprefix("dense-"), (x, y), textcoords="offset points", xytext=(4, 4))
     axes.set_xlabel("mean MACs per image (millions, gates included)")

@@ -1,9 +1,11 @@
-"""ONNX export of a gated model in masked mode: every branch computed, gate decisions applied as 0/1 factors.
+"""ONNX export of a gated model, or one with exits, in masked mode: every branch computed, gate
+decisions applied as 0/1 factors, exits chosen by a selection among the heads' logits.
 
 The exported graph has no control flow: each gate's decision is a ``Greater`` and a ``Cast`` of its
-logits, multiplied into the branch it gates, so any ONNX runtime runs it and gets the PyTorch
-outputs, but a closed block or filter costs as much as an open one. docs/export.md says what sparse
-execution would need from a runtime.
+logits, multiplied into the branch it gates; each sample's output is the logits of the first exit
+confident enough. Any ONNX runtime runs it and gets the PyTorch outputs, but a closed block or filter
+costs as much as an open one, and a sample that left early still runs the whole network.
+docs/export.md says what sparse execution would need from a runtime.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import GatekitError, MissingDependencyError
+from ._exit_info import exits_of, has_exits
 from .gated_model import info_of
 
 
@@ -25,14 +28,15 @@ def to_onnx(
     dynamo: bool = True,
     opset_version: int | None = None,
 ) -> str:
-    """Export a gated model, in eval mode, to an ONNX file with a dynamic batch dimension.
+    """Export a gated model or one with exits, in eval mode, to an ONNX file with a dynamic batch dimension.
 
     Args:
-        model: a model from :func:`gatekit.convert` (or :func:`gatekit.load`). It is exported in eval
-            mode (deterministic gates); its own mode is restored afterwards.
+        model: a model from :func:`gatekit.convert` or :func:`gatekit.add_exits` (or :func:`gatekit.load`).
+            It is exported in eval mode (deterministic gates, exits at their thresholds); its own
+            mode is restored afterwards.
         path: the ``.onnx`` file to write.
         example_input: an input batch; by default random normal inputs of the conversion's input
-            shape (``model.gatekit.input_shape``), two samples so the batch size stays symbolic.
+            shape, two samples so the batch size stays symbolic.
         dynamo: True for ``torch.export``-based export (PyTorch's default since 2.9; a graph without
             shape arithmetic, needs ``onnxscript``), False for the TorchScript-based exporter
             (deprecated by PyTorch, but 10-30 times faster to export).
@@ -42,19 +46,24 @@ def to_onnx(
         ``path``, as a string. The graph's input is named ``"input"``, its (first) output ``"output"``.
 
     Raises:
-        NotConvertedError: the model has no gates.
+        NotConvertedError: the model has neither gates nor exits.
         MissingDependencyError: ``onnx`` (or, with ``dynamo=True``, ``onnxscript``) is not installed.
-        GatekitError: ``example_input`` holds a single sample (the batch size would be fixed at 1).
+        GatekitError: ``example_input`` holds a single sample (the batch size would be fixed at 1), or
+            ``dynamo=False`` for a model with exits.
 
     >>> to_onnx(gated, "gated.onnx")  # doctest: +SKIP
     'gated.onnx'
     >>> onnxruntime.InferenceSession("gated.onnx").run(None, {"input": images.numpy()})  # doctest: +SKIP
     """
-    info = info_of(model)
+    input_shape = exits_of(model).input_shape if has_exits(model) else info_of(model).input_shape
+    if has_exits(model) and not dynamo:
+        # The TorchScript-based exporter loses the spatial sizes in an fx graph and cannot export
+        # the heads' adaptive pooling ("input size not accessible").
+        raise GatekitError("a model with exits exports with the dynamo exporter only: call to_onnx(..., dynamo=True).")
     _require("onnxscript" if dynamo else "onnx")
     if example_input is None:
         parameter = next(model.parameters())
-        example_input = torch.randn((2, *info.input_shape[1:]), device=parameter.device, dtype=parameter.dtype)
+        example_input = torch.randn((2, *input_shape[1:]), device=parameter.device, dtype=parameter.dtype)
     if example_input.shape[0] < 2:
         raise GatekitError("to_onnx needs an example_input of at least 2 samples, or the batch size is fixed at 1.")
     path = os.fspath(path)

@@ -328,3 +328,44 @@ def test_sparse_exits_on_a_gated_model():
     assert torch.equal(fast.taken, exits.gatekit_exit_policy.taken)
     for i in range(3):
         torch.testing.assert_close(fast(X[i:i + 1]), exits(X[i:i + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_of_a_model_with_exits_matches_eager(resnet8):
+    exits = _mixed(resnet8)
+    expected, taken = exits(X), exits.gatekit_exit_policy.taken
+    compiled = torch.compile(exits, backend="aot_eager")
+    torch.testing.assert_close(compiled(X), expected)
+    assert torch.equal(exits.gatekit_exit_policy.taken, taken)  # the records the profiler reads are kept
+
+
+def test_onnx_export_of_a_model_with_exits_computes_the_masked_form(resnet8, tmp_path):
+    import collections
+
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from gatekit.export import to_onnx
+
+    exits = _mixed(resnet8)
+    expected = exits(X)
+    path = to_onnx(exits, tmp_path / "exits.onnx")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"input": X.numpy()})
+    torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-4, atol=1e-5)
+    operators = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+    assert operators["If"] == 0 and operators["Loop"] == 0  # masked: samples that left still run everything
+    assert operators["Conv"] == 7 and operators["Gemm"] == 3  # the whole ResNet8, two heads and the classifier
+    with pytest.raises(gatekit.GatekitError, match="dynamo=True"):
+        to_onnx(exits, tmp_path / "ts.onnx", dynamo=False)
+
+
+def test_cli_lists_exit_sites_with_what_leaving_costs(capsys):
+    from gatekit.cli import main
+
+    assert main(["sites", "cifar/resnet8", "--exits"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("after block") and "40,551,040" not in lines[0]
+    # Leaving after layer1.0 pays the stem (3*16*9*32*32 = 442,368), the block (2*16*16*9*32*32 =
+    # 4,718,592) and its head (16 channels pooled to 4x4, to 10 classes: 2,560).
+    assert lines[1].split()[:5] == ["layer1.0", "16", "yes", "2,560", "5,163,520"]
+    assert [line.split()[0] for line in lines[1:]] == ["layer1.0", "layer2.0"]

@@ -80,3 +80,18 @@ def test_the_cifar10_sweep_checkpoints_reproduce_their_reported_test_figures(run
     measured, expected = json.loads((tmp_path / "profile.json").read_text()), reported("cifar10", run)["test"]
     assert measured["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
     assert measured["mean_macs"] == pytest.approx(expected["mean_macs"], rel=1e-9)
+
+
+def test_the_cifar10_base_reproduces_its_val_accuracy(tmp_path):
+    """results/cifar10-base (issue 22): `gatekit profile` on the published ResNet20 gives the val
+    accuracy examples/train.py wrote in its summary."""
+    load_test_split("cifar10")
+    run = RESULTS / "cifar10-base" / "resnet20"
+    status = cli.main(["profile", str(run / "model.pt"), "--dataset", "cifar10", "--split", "val",
+                       "--batch-size", "500", "--json", str(tmp_path / "profile.json"), "--quiet"])
+    assert status == 0
+    measured = json.loads((tmp_path / "profile.json").read_text())
+    expected = json.loads((run / "summary.json").read_text())
+    assert measured["samples"] == 5000 and measured["accuracy"] == pytest.approx(expected["val_accuracy"], abs=1e-9)
+    assert measured["accuracy"] >= 0.91  # the issue's target for the base
+    assert measured["mean_macs"] == measured["dense_macs"] == 40_551_040  # dense: every image pays every MAC
