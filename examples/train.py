@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="MAC-budget loss: dual-ascent step of its multiplier (0: plain quadratic loss; default: the loss's)")
     model.add_argument("--batch-shaping", type=float, default=0.0, help="weight of a batch-shaping loss added to the gates' loss")
     model.add_argument("--static-fraction", type=float, help="static: fraction of dense MACs to prune to")
+    model.add_argument("--exits", action="store_true", help="add exit heads after every block (gatekit.add_exits), "
+                       "fit them alone first (--exit-fit-images), then train them with the network: a joint finetune")
     model.add_argument("--channel-keep", type=float, help="gated methods with channel gates: keep this fraction "
                        "of each block's filters per input, top-k (FBS-style; docs/losses.md)")
     recipe = parser.add_argument_group("recipe")
@@ -91,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--epochs", type=int)
     recipe.add_argument("--lr", type=float)
     recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--teacher", type=Path, help="distillation teacher checkpoint (default: --init)")
+    recipe.add_argument("--exit-weight", type=float, default=0.1,
+                        help="--exits: weight of each exit's loss (gatekit.exit_loss) beside the final head's")
+    recipe.add_argument("--exit-fit-images", type=int, default=20000,
+                        help="--exits: training images the heads are fitted on alone before the joint finetune")
     recipe.add_argument("--kd", type=float, help="distillation weight from the --init model (finetune: 0.7; 0: off)")
     recipe.add_argument("--kd-temperature", type=float, default=4.0)
     recipe.add_argument("--kd-features", type=float, default=0.0,
@@ -142,15 +149,17 @@ def _complete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     # so its batch-norm statistics are already those of the deployed network (recalibrating them
     # cost 0.4 points in the ablation). A cold start explores under noise, anneals it away over the
     # second half and recalibrates.
-    defaults = dict(kd=0.7 if finetune and args.method != "dense" else 0.0, ramp=0.4 if finetune and not args.warm_start else 0.0,
+    defaults = dict(kd=0.7 if finetune and (args.method != "dense" or args.exits) else 0.0, ramp=0.4 if finetune and not args.warm_start else 0.0,
                     gate_lr_scale=10.0 if finetune else 1.0, noise_start=0.0 if finetune and args.warm_start else 1.0,
                     anneal_noise=0.5 if finetune and not args.warm_start else 0.0,
                     recalibrate=4096 if finetune and gated and not args.warm_start else 0)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.kd and args.init is None:
-        parser.error("--kd distills from the --init model: give --init.")
+    if args.kd and args.init is None and args.teacher is None:
+        parser.error("--kd distills from the --init model: give --init (or --teacher).")
+    if args.exits and args.compile:
+        parser.error("--exits keeps each exit's logits for its loss; train it without --compile.")
     if args.warm_start and (not gated or args.method == "layer"):
         parser.error("--warm-start sets channel gates: use it with --method dlcg or channel.")
     channels = len(DATASETS[args.dataset].mean)
@@ -209,11 +218,21 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return start
 
 
+def add_fitted_exits(model: nn.Module, images: Tensor, labels: Tensor, args: argparse.Namespace, fit: bool) -> nn.Module:
+    """``model`` with exit heads after every block, fitted alone on the first --exit-fit-images
+    training images (un-augmented), as gatekit.fit_exits does: the joint finetune starts from there."""
+    model = gatekit.add_exits(model, example_input=images[:1].cpu())
+    if fit:  # a resumed run loads its heads from last.pt
+        count = min(args.exit_fit_images, len(images))
+        gatekit.fit_exits(model, TensorDataset(images[:count].cpu(), labels[:count].cpu()))
+    return model
+
+
 def build_teacher(args: argparse.Namespace, device: torch.device, model: nn.Module) -> gatekit.DistillationLoss | None:
     """The --init model as a frozen distillation teacher of ``model``, or None without --kd."""
     if not args.kd:
         return None
-    teacher = gatekit.load(args.init).to(device).eval()
+    teacher = gatekit.load(args.teacher or args.init).to(device).eval()
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     features = dict(features=args.kd_features, student=model) if args.kd_features else {}
@@ -264,6 +283,11 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: 
     groups = gatekit.param_groups(model, weight_decay=args.weight_decay, gate_lr=gate_lr) if hasattr(model, "gatekit") else [
         {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": args.weight_decay}
     ]
+    if args.exits:  # the heads learn at the gates' rate, without weight decay, as fit_exits trains them
+        heads = list(model.gatekit_exit_heads.parameters())
+        for group in groups:
+            group["params"] = [p for p in group["params"] if all(p is not h for h in heads)]
+        groups.append({"params": heads, "weight_decay": 0.0, "lr": args.lr * args.gate_lr_scale})
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     if args.recipe in ("base", "finetune"):
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * steps_per_epoch)
@@ -296,6 +320,8 @@ def train_epoch(model, images, labels, optimizer, args, generator, teacher=None,
             if teacher is not None:  # Hinton et al.: (1 - w) hard targets + w soft targets
                 task_loss = (1 - teacher.weight) * task_loss + teacher(logits, batch)
         gate_loss = gatekit.gate_loss(model) if gated else torch.zeros((), device=images.device)
+        if args.exits:  # each exit learns the labels and the model's own final logits (SDN, with distillation)
+            task_loss = task_loss + args.exit_weight * gatekit.exit_loss(model, target)
         loss = task_loss + gate_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     images, labels = (tensor.to(device) for tensor in train.tensors)
     val = None if args.no_val else load_dataset(args.dataset, split="val", root=args.data_root, download=args.download)
     model = build_model(args).to(device)
+    if args.exits:
+        model = add_fitted_exits(model, images, labels, args, fit=not (args.out / "last.pt").exists())
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher = build_teacher(args, device, model)

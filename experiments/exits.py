@@ -1,5 +1,6 @@
 """Exit heads on a trained CIFAR-10 model: fit them on `train`, calibrate thresholds on `val` at
-MAC budgets, and (with --test) report the test splits once at the thresholds chosen on `val`.
+MAC budgets, and (with --test) report the test splits once at the thresholds chosen on `val`. A
+checkpoint that already has exits (a joint finetune, ``examples/train.py --exits``) is calibrated only.
 
     python experiments/exits.py --init results/cifar10/runs/static-f0.65/model.pt --budgets 0.5 0.45 0.4 \
         --out results/cifar10-exits/static-f0.65.json
@@ -53,9 +54,13 @@ def main(argv=None) -> dict:
     began = time.perf_counter()
     backbone = gatekit.load(args.init)
     at = args.at if args.at in ("blocks", "stages") else args.at.split(",")
-    model = gatekit.add_exits(backbone, at=at, pool=args.pool, hidden=args.hidden, rule=args.rule).eval()
-    train = load_dataset("cifar10", split="train", limit=args.train_images)
-    fit = gatekit.fit_exits(model, train, epochs=args.epochs, lr=args.lr, distill=args.distill)
+    if hasattr(backbone, "gatekit_exits"):  # trained with its exits (examples/train.py --exits): calibrate only
+        model, head_train_accuracy = backbone.eval(), None
+    else:
+        model = gatekit.add_exits(backbone, at=at, pool=args.pool, hidden=args.hidden, rule=args.rule).eval()
+        train = load_dataset("cifar10", split="train", limit=args.train_images)
+        fit = gatekit.fit_exits(model, train, epochs=args.epochs, lr=args.lr, distill=args.distill)
+        head_train_accuracy = fit.train_accuracy
     val = load_dataset("cifar10", split="val")
     base = gatekit.profile(model, val, batch_size=500)
     head_accuracy = _head_accuracy(model, val)
@@ -80,7 +85,7 @@ def main(argv=None) -> dict:
         date=time.strftime("%Y-%m-%d"), seconds=round(time.perf_counter() - began),
         init=str(args.init), config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         backbone_val_accuracy=base.accuracy, backbone_mac_fraction=base.dense_macs / args.reference_macs,
-        head_train_accuracy=fit.train_accuracy, head_val_accuracy=head_accuracy, head_macs=base.gate_macs, rows=rows,
+        head_train_accuracy=head_train_accuracy, head_val_accuracy=head_accuracy, head_macs=base.gate_macs, rows=rows,
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

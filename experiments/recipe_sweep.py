@@ -36,11 +36,18 @@ EXIT_BUDGETS = {  # backbone run -> budgets of its exits (below the backbone's o
     "static-f0.5": (0.4, 0.35, 0.3),
     "dlcg-b0.65": (0.5, 0.4),
     "dlcg-b0.5": (0.4, 0.3),
+    "joint1-static-f0.65": (0.5, 0.45, 0.4),
+    "joint3-static-f0.65": (0.5, 0.45, 0.4),
 }
 
 
-def plan(init: Path, epochs: int, smaller: Path | None) -> list[tuple[str, list[str]]]:
-    """(run name, train.py arguments, or exits.py's for exit runs). Order: what the claims need first."""
+def plan(init: Path, epochs: int, smaller: Path | None, folder: Path = Path("RUNS")) -> list[tuple[str, list[str]]]:
+    """(run name, train.py arguments, or exits.py's for exit runs), runs in ``folder``. Order: what
+    the claims need first."""
+
+    def folder_of(run: str) -> Path:
+        return folder / run / "model.pt"
+
     finetune = ["--init", str(init), "--recipe", "finetune", "--epochs", str(epochs)]
     dense = ["--recipe", "paper", "--epochs", str(20 + epochs), "--lr", "0.1", "--method", "dense"]
     runs = [] if smaller else [(f"dense-resnet{d}", [*dense, "--model", f"cifar/resnet{d}"]) for d in (14, 8)]
@@ -49,6 +56,10 @@ def plan(init: Path, epochs: int, smaller: Path | None) -> list[tuple[str, list[
     runs += _exit_runs("dense-resnet20") + _exit_runs("static-f0.65") + _exit_runs("static-f0.5")
     runs += [(f"static-f{level}", [*finetune, "--method", "static", "--static-fraction", str(level)])
              for level in (*STATIC_BETWEEN, *LEVELS_FIRST[2:])]
+    for joint in (1, 3):  # heads-only against a joint finetune of the backbone with its exits, same distillation
+        backbone = ["--init", str(folder_of("static-f0.65")), "--teacher", str(init), "--recipe", "finetune",
+                    "--epochs", str(joint), "--method", "dense", "--exits"]
+        runs += [(f"joint{joint}-static-f0.65", backbone)] + _exit_runs(f"joint{joint}-static-f0.65")
     for level in LEVELS_FIRST:
         runs.append((f"dlcg-b{level}", [*finetune, "--method", "dlcg", "--budget", str(level)]))
     runs += _exit_runs("dlcg-b0.65") + _exit_runs("dlcg-b0.5")
@@ -82,7 +93,7 @@ def main() -> None:
     if args.smaller:
         for depth in (14, 8):
             _copy_dense(args.smaller / f"resnet{depth}" / "model.pt", folder / f"dense-resnet{depth}")
-    for name, arguments in plan(args.init, args.epochs, args.smaller):
+    for name, arguments in plan(args.init, args.epochs, args.smaller, folder):
         run = folder / name
         done = [folder / f"{name}-b{b}" for b in arguments[1:]] if name.startswith("exits-") else [run]
         if args.only and name not in args.only or all((r / "model.pt").exists() for r in done):

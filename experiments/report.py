@@ -27,6 +27,7 @@ METHOD_LABELS = {
     "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
     "budget": "DLCG (MAC-budget loss)", "static": "Torch-Pruning static", "dense": "dense",
     "exits-dense": "exits on dense ResNet20", "exits-static": "exits on static", "exits-dlcg": "exits on DLCG",
+    "exits-joint1": "exits on static, joint finetune 1 epoch", "exits-joint3": "exits on static, joint finetune 3 epochs",
 }
 
 
@@ -99,7 +100,8 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
 
 
 GATED_MARKERS = {"dlcg": "o-", "dlcgraw": "v-", "channel": "s-", "aig": "^-", "budget": "D-",  # curves in the plot
-                 "exits-dense": "P--", "exits-static": "X--", "exits-dlcg": "h--"}
+                 "exits-dense": "P--", "exits-static": "X--", "exits-dlcg": "h--",
+                 "exits-joint1": "<--", "exits-joint3": ">--"}
 COMPARED_FRACTIONS = (0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
 
 

@@ -119,6 +119,25 @@ def test_train_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, met
     assert [row["epoch"] for row in log] == [1, 2]
 
 
+def test_train_with_exits_fits_the_heads_then_finetunes_them_with_the_network(tmp_path):
+    torch.manual_seed(0)
+    dense = get_model("mnist/resnet8")
+    gatekit.save(dense, tmp_path / "dense.pt")
+    common = ["--dataset", "fashion-mnist", "--model", "mnist/resnet8", "--train-images", "256", "--batch-size", "64",
+              "--init", str(tmp_path / "dense.pt"), "--no-val", "--device", "cpu", "--exits", "--exit-fit-images", "128"]
+    train.main([*common, "--epochs", "1", "--out", str(tmp_path / "joint")])
+    joint = gatekit.load(tmp_path / "joint" / "model.pt")
+    assert [site.name for site in joint.gatekit_exits.sites] == ["layer1.0", "layer2.0"]
+    assert torch.isinf(joint.gatekit_exit_policy.thresholds).all()  # saved uncalibrated: it never exits yet
+    before = dense.state_dict()
+    moved = [key for key, value in joint.state_dict().items() if key in before and not torch.equal(value, before[key])]
+    assert "conv1.weight" in moved  # the backbone trained too, not only the heads
+    summary = json.loads((tmp_path / "joint" / "summary.json").read_text())
+    assert summary["config"]["kd"] == 0.7 and summary["config"]["exit_weight"] == 0.1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", *common, "--compile"])
+
+
 def test_pack_and_unpack_give_the_same_training_images(tmp_path, monkeypatch):
     monkeypatch.setattr(pack_data, "_search_folders", lambda root: ([tmp_path / "src"], tmp_path / "src"))
     (tmp_path / "src").mkdir()
@@ -175,6 +194,20 @@ def test_report_compares_methods_at_equal_macs_without_extrapolating(tmp_path):
     assert "| 50 | 72.86 | 88.00 |" in table  # 60 + (90 - 60) * (50 - 20) / (90 - 20)
     assert "| 40 | 68.57 | – |" in table
     assert "dense-resnet14 91.00 % at 65.0 %" in table
+
+
+def test_report_takes_the_exit_run_best_on_val_at_each_budget():
+    assert report.method_of("exits-static-f0.5-b0.4") == "exits-static"
+    assert report.method_of("exits-dense-resnet20-b0.65") == "exits-dense"
+
+    def row(run: str, budget: float, val: float, macs: float, test: float) -> dict:
+        return dict(run=run, method=report.method_of(run), config=dict(budgets=[budget]), val=dict(accuracy=val),
+                    test=dict(mean_macs=macs, accuracy=test))
+
+    rows = [row("exits-static-f0.65-b0.4", 0.4, 0.90, 41.0, 0.80), row("exits-static-f0.5-b0.4", 0.4, 0.91, 39.0, 0.70),
+            row("exits-static-f0.5-b0.3", 0.3, 0.88, 30.0, 0.60)]
+    # At 40 %, static-f0.5's exits win on val, so they stand for the method, whatever test says.
+    assert sorted(report.points(rows, "exits-static", "test", 100.0)) == [(0.3, 0.6), (0.39, 0.7)]
 
 
 def test_the_skipping_oracle_keeps_every_prediction_and_only_lowers_the_cost():
