@@ -59,9 +59,11 @@ def calibrate_exits(
     agreement: float | None = None,
     reference_macs: int | None = None,
     fit_temperatures: bool = False,
+    per_exit: bool = False,
     batch_size: int = 500,
 ) -> ExitCalibration:
-    """Set one threshold shared by every exit so that the model meets a target on ``data``.
+    """Set one threshold shared by every exit (or, with ``per_exit``, one per exit) so that the model
+    meets a target on ``data``.
 
     With ``budget``, the mean MACs (heads included) stay within ``budget * reference_macs`` at the
     best accuracy found (the largest agreement with the final head without labels). With
@@ -77,6 +79,9 @@ def calibrate_exits(
             heads (``model.gatekit_exits.dense_macs``), e.g. pass the unpruned model's.
         fit_temperatures: first fit a temperature per head on the labels (Guo et al. 2017), so
             that one threshold means the same probability at every exit.
+        per_exit: start from the shared threshold, then move each exit's own threshold in turn
+            (coordinate ascent over quantiles of its confidences) while that improves the target;
+            nine thresholds fitted on a few thousand samples can overfit them: check on held-out data.
         batch_size: batch size of the calibration pass.
 
     Returns:
@@ -113,8 +118,10 @@ def calibrate_exits(
                 f"the first exit costs ({earliest / reference:.3f} of the reference): raise the budget, "
                 f"or add an earlier exit."
             )
-    threshold = _search(policy, outputs, budget * reference if budget is not None else None, agreement)
-    policy.thresholds.fill_(threshold)
+    max_macs = budget * reference if budget is not None else None
+    policy.thresholds.fill_(_search(policy, outputs, max_macs, agreement))
+    if per_exit:
+        policy.thresholds.copy_(_search_per_exit(policy, outputs, max_macs, agreement))
     return _summary(policy, outputs, reference)
 
 
@@ -178,8 +185,42 @@ def _search(policy, outputs: _Outputs, max_macs: float | None, agreement: float 
     return best
 
 
+def _search_per_exit(policy, outputs: _Outputs, max_macs: float | None, agreement: float | None,
+                     rounds: int = 3, candidates: int = 100) -> Tensor:
+    """Per-exit thresholds from the current shared ones: each exit's threshold in turn takes the
+    candidate with the best key (as in :func:`_search`), the others held; never worse than the start."""
+    thresholds = policy.thresholds.detach().clone().double()
+    quantiles = torch.linspace(0, 1, candidates, dtype=torch.float64)
+    options = [sorted(set(torch.quantile(outputs.confidences[:, k].double(), quantiles).tolist()) | {math.inf})
+               for k in range(len(thresholds))]
+    best_key = _key(policy, outputs, thresholds, max_macs, agreement)
+    for _ in range(rounds):
+        for k, values in enumerate(options):
+            for value in values:
+                trial = thresholds.clone()
+                trial[k] = value
+                key = _key(policy, outputs, trial, max_macs, agreement)
+                if key is not None and (best_key is None or key > best_key):
+                    thresholds, best_key = trial, key
+    return thresholds.to(policy.thresholds.dtype)
+
+
+def _key(policy, outputs: _Outputs, thresholds: Tensor, max_macs: float | None, agreement: float | None):
+    """What the search maximises for ``thresholds``, None where they miss the target: accuracy (or
+    agreement without labels) within ``max_macs``, or minus the MACs at ``agreement``."""
+    taken = policy.decide(outputs.confidences, thresholds.to(outputs.confidences.dtype))
+    chosen = outputs.predictions.gather(1, taken[:, None]).squeeze(1)
+    macs = outputs.costs.gather(1, taken[:, None]).double().mean().item()
+    agrees = (chosen == outputs.predictions[:, -1]).double().mean().item()
+    if max_macs is not None:
+        if macs > max_macs:
+            return None
+        return (chosen == outputs.labels).double().mean().item() if outputs.labels is not None else agrees
+    return -macs if agrees >= agreement else None
+
+
 def _summary(policy, outputs: _Outputs, reference: int) -> ExitCalibration:
-    taken = _taken(policy, outputs.confidences, policy.thresholds[0].item())
+    taken = policy.decide(outputs.confidences, policy.thresholds.to(outputs.confidences.dtype))
     chosen = outputs.predictions.gather(1, taken[:, None]).squeeze(1)
     rates = torch.bincount(taken, minlength=outputs.predictions.shape[1]).double() / len(taken)
     return ExitCalibration(

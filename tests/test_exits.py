@@ -125,6 +125,28 @@ def test_a_calibrated_budget_lands_on_the_calibration_data(resnet8):
     assert reference.mean_macs <= 1.8 * dense
 
 
+def test_per_exit_thresholds_land_the_budget_and_never_lose_to_the_shared_one():
+    torch.manual_seed(0)
+    model = get_model("cifar/resnet14").eval()  # four exits: room for thresholds to differ
+    exits = gatekit.add_exits(model).eval()
+    data = _labelled(model, count=128)
+    gatekit.fit_exits(exits, data, epochs=3, batch_size=32)
+    data = _labelled(model, count=128, seed=1)  # calibration data the heads were not fitted on
+    dense, moved = exits.gatekit_exits.dense_macs, []
+    for budget in (0.8, 0.6):
+        shared = gatekit.calibrate_exits(exits, data, budget=budget)
+        per_exit = gatekit.calibrate_exits(exits, data, budget=budget, per_exit=True)
+        moved.append(per_exit.thresholds != shared.thresholds)
+        assert per_exit.mean_macs <= budget * dense
+        assert per_exit.accuracy >= shared.accuracy
+        report = gatekit.profile(exits, data)  # the thresholds set on the model are those reported
+        assert report.accuracy == pytest.approx(per_exit.accuracy) and report.mean_macs == pytest.approx(per_exit.mean_macs)
+        assert torch.equal(exits.gatekit_exit_policy.thresholds, torch.tensor(per_exit.thresholds))
+    assert any(moved)  # the search did move thresholds apart
+    lowest = gatekit.calibrate_exits(exits, data, agreement=0.9, per_exit=True)
+    assert lowest.agreement >= 0.9 and lowest.mean_macs <= gatekit.calibrate_exits(exits, data, agreement=0.9).mean_macs
+
+
 def test_temperatures_are_fitted_per_head(resnet8):
     exits = gatekit.add_exits(resnet8).eval()
     data = _labelled(resnet8, count=64)
