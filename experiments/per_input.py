@@ -1,4 +1,4 @@
-"""Which test images cost a gated model the fewest and the most MACs? A grid from each end.
+"""Which test images cost a gated model, or one with exits, the fewest and the most MACs? A grid from each end.
 
 The paper's argument is that easy inputs cost less. ``gatekit.profile`` gives every image's exact
 MACs; this draws the ``--count`` cheapest and dearest test images with their cost (% of the dense
@@ -27,12 +27,15 @@ def main() -> None:
     parser.add_argument("--dataset", default="cifar10-jpeg")
     parser.add_argument("--split", default="test")
     parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--reference-macs", type=int,
+                        help="what the costs are a fraction of (default: the model's own dense MACs); "
+                             "40551040 is the dense ResNet20's, for exits on a pruned model")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = gatekit.load(args.checkpoint).eval()
     data = load_dataset(args.dataset, split=args.split)
     report = gatekit.profile(model, data, batch_size=500)
-    macs = torch.tensor(report.per_sample_macs, dtype=torch.float64) / report.dense_macs
+    macs = torch.tensor(report.per_sample_macs, dtype=torch.float64) / (args.reference_macs or report.dense_macs)
     images, labels = data.tensors
     with torch.no_grad():
         predictions = torch.cat([model(images[i:i + 500]).argmax(1) for i in range(0, len(labels), 500)])

@@ -53,7 +53,10 @@ def fit_exits(
         teacher: a model whose logits to distill from, on the model's device; None: the model itself.
         distill: weight of the distillation term in [0, 1]; labels are needed below 1.
         temperature: distillation temperature.
-        epochs, batch_size, lr, weight_decay: the heads' optimisation.
+        epochs: passes over the cached features.
+        batch_size: samples per Adam step.
+        lr: Adam's initial learning rate (cosine to 0).
+        weight_decay: Adam's weight decay.
         seed: seed of the sample order.
 
     Returns:

@@ -57,7 +57,8 @@ def add_exits(
         rule: confidence of a head: ``"probability"`` (top softmax probability), ``"margin"`` or
             ``"entropy"``.
         example_input: an input the model accepts (default as in :func:`gatekit.convert`).
-        leaf_modules, autowrap_functions: tracing hints, as for :func:`gatekit.convert`.
+        leaf_modules: module types to keep whole when tracing, as for :func:`gatekit.convert`.
+        autowrap_functions: functions to keep whole when tracing, as for :func:`gatekit.convert`.
         inplace: share the model's parameters instead of copying them.
 
     Returns:
