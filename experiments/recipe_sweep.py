@@ -29,9 +29,10 @@ TRAIN = ROOT / "examples" / "train.py"
 EXITS = ROOT / "experiments" / "exits.py"
 SHARED_DENSE = ROOT.parent / "shared" / "models" / "cifar10_resnet20_dense.pt"
 LEVELS_FIRST = (0.65, 0.5, 0.25, 0.8)  # ResNet14's MACs (65 %) first: the headline comparison
-STATIC_BETWEEN = (0.3, 0.4, 0.35, 0.45)  # measured, not interpolated, where exits are compared
+STATIC_BETWEEN = (0.3, 0.4, 0.35, 0.45, 0.55)  # measured, not interpolated, where exits are compared
 EXIT_BUDGETS = {  # backbone run -> budgets of its exits (below the backbone's own MACs)
     "dense-resnet20": (0.8, 0.65, 0.5),
+    "static-f0.8": (0.65, 0.55),
     "static-f0.65": (0.5, 0.45, 0.4),
     "static-f0.5": (0.4, 0.35, 0.3),
     "dlcg-b0.65": (0.5, 0.4),
@@ -56,6 +57,7 @@ def plan(init: Path, epochs: int, smaller: Path | None, folder: Path = Path("RUN
     runs += _exit_runs("dense-resnet20") + _exit_runs("static-f0.65") + _exit_runs("static-f0.5")
     runs += [(f"static-f{level}", [*finetune, "--method", "static", "--static-fraction", str(level)])
              for level in (*STATIC_BETWEEN, *LEVELS_FIRST[2:])]
+    runs += _exit_runs("static-f0.8")
     for joint in (1, 3):  # heads-only against a joint finetune of the backbone with its exits, same distillation
         backbone = ["--init", str(folder_of("static-f0.65")), "--teacher", str(init), "--recipe", "finetune",
                     "--epochs", str(joint), "--method", "dense", "--exits"]
