@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ._source import SOURCE_ATTRIBUTE
@@ -15,8 +16,15 @@ from .errors import GatekitError, NoResidualBlockError
 from .gate import Gate
 
 
-def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_input: Tensor | None) -> Tensor:
+def propagate_shapes(
+    graph_module: fx.GraphModule, model: nn.Module, example_input: Tensor | None, *, fake: bool = False
+) -> Tensor:
     """Run the example input through the graph once, recording every node's shape in node.meta.
+
+    ``fake``: first try on fake tensors (shapes without data: a 1B-parameter transformer at 224x224
+    takes milliseconds instead of seconds), then, where the model needs real values (data-dependent
+    shapes, code outside torch), on real ones. Only for graphs without gatekit's modules: the C gate
+    kernel reads tensor data.
 
     Returns the example input used. Raises GatekitError naming the node that failed.
     """
@@ -27,8 +35,10 @@ def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_inp
     modes = {module: module.training for module in graph_module.modules()}
     # Eval mode: batch-norm statistics must not move, and a batch of one must be accepted.
     graph_module.eval()
-    propagation = _ShapeProp(graph_module)
     try:
+        if fake and _propagated_on_fake_tensors(graph_module, example_input):
+            return example_input
+        propagation = _ShapeProp(graph_module)
         with torch.no_grad():
             propagation.propagate(example_input)
     except Exception as error:
@@ -42,6 +52,22 @@ def propagate_shapes(graph_module: fx.GraphModule, model: nn.Module, example_inp
         for module, training in modes.items():
             module.training = training
     return example_input
+
+
+def _propagated_on_fake_tensors(graph_module: fx.GraphModule, example_input: Tensor) -> bool:
+    """Whether shape propagation on a fake input went through. The graph runs on the model's own
+    (real) weights without copying them, so only graphs whose modules are all torch's own, which keep
+    no state, run this way; where it fails, the real run overwrites what it left."""
+    if any(type(graph_module.get_submodule(node.target)).__module__.split(".")[:2] != ["torch", "nn"]
+           for node in graph_module.graph.nodes if node.op == "call_module"):
+        return False
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with torch.no_grad(), mode:
+            _ShapeProp(graph_module).propagate(mode.from_tensor(example_input))
+    except Exception:  # noqa: BLE001  (whatever the fake run missed, the real run reports or handles)
+        return False
+    return True
 
 
 def _input_hint(model: nn.Module, example_input: Tensor) -> str:

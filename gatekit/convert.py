@@ -90,13 +90,15 @@ def convert(
         raise GatekitError(f"gates={gates!r} is not a gating mode; use one of {', '.join(GATE_MODES)}.")
     _check_channel_keep(channel_keep, gates)
     _check_model(model)
-    if not inplace:
-        model = copy.deepcopy(model)
+    # The analysis reads the user's modules and changes none; the copy waits until there is something
+    # to convert (a refused 1B-parameter model costs no copy of its weights).
     graph_module = trace_model(model, leaf_modules, autowrap_functions, class_name=f"Gated{type(model).__name__}")
-    example_input = propagate_shapes(graph_module, model, example_input)
+    example_input = propagate_shapes(graph_module, model, example_input, fake=True)
     found, skipped = _discover(graph_module)
     sites, skipped = _select(found, skipped, include, exclude, model)
     report_skipped(type(model).__name__, len(sites), skipped, strict=strict)
+    if not inplace:
+        graph_module = copy.deepcopy(graph_module)
     dense_macs = sum(node_macs(graph_module).values())
 
     channel_head, layer_head = "channel" in gates, "layer" in gates
@@ -182,7 +184,7 @@ def gate_sites(
     """
     _check_model(model)
     graph_module = trace_model(model, leaf_modules, autowrap_functions, class_name=type(model).__name__)
-    propagate_shapes(graph_module, model, example_input)
+    propagate_shapes(graph_module, model, example_input, fake=True)
     found, not_gated = _discover(graph_module)
     return (found, not_gated) if skipped else found
 
