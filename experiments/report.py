@@ -102,7 +102,7 @@ def write_table(rows: list[dict], dataset: str, reference_macs: int, path: Path)
 GATED_MARKERS = {"dlcg": "o-", "dlcgraw": "v-", "channel": "s-", "aig": "^-", "budget": "D-",  # curves in the plot
                  "exits-dense": "P--", "exits-static": "X--", "exits-dlcg": "h--",
                  "exits-joint1": "<--", "exits-joint3": ">--"}
-COMPARED_FRACTIONS = (0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
+COMPARED_FRACTIONS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.65, 0.8, 0.9)
 
 
 def accuracy_at(points: list[tuple[float, float]], fraction: float) -> float | None:
