@@ -6,6 +6,7 @@ timm's own ``register_notrace_module`` list this way); users add their own per c
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Sequence
 
 import torch.fx as fx
@@ -75,7 +76,7 @@ def trace(
     """
     tracer = GatekitTracer(leaf_modules, autowrap_functions)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model) or None)
     except Exception as error:
         where = tracer.failed_in
         module_type = type(model.get_submodule(where)).__name__ if where else type(model).__name__
@@ -87,6 +88,18 @@ def trace(
             f"with `autowrap_functions=[fn]`. A module kept whole cannot contain a residual block."
         ) from error
     return fx.GraphModule(tracer.root, graph, class_name or type(model).__name__)
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, None]:
+    """The forward's parameters after the first that default to None (timm's Hiera: ``mask=None``).
+    Traced as placeholders, ``if mask is not None`` would take the branch the model never takes when
+    called with one input; fixed to None, the graph is the one-input forward."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a forward without a signature: trace it as it is
+        return {}
+    return {p.name: None for p in parameters
+            if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def trace_model(

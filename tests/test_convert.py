@@ -199,3 +199,23 @@ def test_registered_models_are_measured_at_their_registered_input_size():
     assert gated.gatekit.input_shape == (1, 1, 28, 28)
     explicit = gatekit.convert(get_model("mnist/resnet8"), example_input=torch.zeros(1, 1, 28, 28))
     assert gated.gatekit.dense_macs == explicit.gatekit.dense_macs
+
+
+def test_an_optional_argument_left_at_none_is_traced_as_none():
+    """timm's Hiera: ``forward(x, mask=None)`` with ``if mask is not None``; traced as a placeholder,
+    the mask branch would enter the graph and fail on the one-input call."""
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x, mask=None):
+            x = self.stem(x)
+            if mask is not None:
+                x = x * mask
+            return self.conv(x) + x
+
+    model, x = Masked().eval(), torch.randn(2, 3, 8, 8)
+    gated = gatekit.convert(model, example_input=x[:1]).eval()
+    assert [site.name for site in gated.gatekit.sites] == ["add"]
+    assert torch.allclose(gated(x), model(x), atol=1e-6)
