@@ -21,10 +21,9 @@ def propagate_shapes(
 ) -> Tensor:
     """Run the example input through the graph once, recording every node's shape in node.meta.
 
-    ``fake``: first try on fake tensors (shapes without data: a 1B-parameter transformer at 224x224
-    takes milliseconds instead of seconds), then, where the model needs real values (data-dependent
-    shapes, code outside torch), on real ones. Only for graphs without gatekit's modules: the C gate
-    kernel reads tensor data.
+    ``fake``: first try on fake tensors, which carry shapes and no data (a 1B-parameter transformer
+    at 224x224: about 1 s instead of 14), where every module the graph calls is torch's own; on real
+    tensors otherwise, and where the model needs real values (data-dependent shapes).
 
     Returns the example input used. Raises GatekitError naming the node that failed.
     """
