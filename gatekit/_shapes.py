@@ -57,8 +57,8 @@ def _propagated_on_fake_tensors(graph_module: fx.GraphModule, example_input: Ten
     """Whether shape propagation on a fake input went through. The graph runs on the model's own
     (real) weights without copying them, so only graphs whose modules are all torch's own, which keep
     no state, run this way; where it fails, the real run overwrites what it left."""
-    if any(type(graph_module.get_submodule(node.target)).__module__.split(".")[:2] != ["torch", "nn"]
-           for node in graph_module.graph.nodes if node.op == "call_module"):
+    if not all(_torch_own(graph_module.get_submodule(node.target))
+               for node in graph_module.graph.nodes if node.op == "call_module"):
         return False
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
@@ -67,6 +67,10 @@ def _propagated_on_fake_tensors(graph_module: fx.GraphModule, example_input: Ten
     except Exception:  # noqa: BLE001  (whatever the fake run missed, the real run reports or handles)
         return False
     return True
+
+
+def _torch_own(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
 
 
 def _input_hint(model: nn.Module, example_input: Tensor) -> str:
@@ -109,7 +113,7 @@ class _ShapeProp(ShapeProp):
         module = self.fetch_attr(node.target)
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, Gate)):
             return False  # conv and linear layers: counted from their shapes; a gate's MACs are its own
-        plain = type(module).__module__.startswith("torch.nn.") and not any(True for _ in module.children())
+        plain = _torch_own(module) and not any(True for _ in module.children())
         return not plain or isinstance(module, _TORCH_LAYERS_WITH_MACS)
 
 
