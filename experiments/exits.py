@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="save the model calibrated to each budget as a run folder PREFIX-b<budget> "
                              "(model.pt, summary.json), what experiments/report.py reads")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the heads' initialisation and sample order")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
 
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     began = time.perf_counter()
     backbone = gatekit.load(args.init)
     at = args.at if args.at in ("blocks", "stages") else args.at.split(",")
@@ -59,7 +60,8 @@ def main(argv=None) -> dict:
     else:
         model = gatekit.add_exits(backbone, at=at, pool=args.pool, hidden=args.hidden, rule=args.rule).eval()
         train = load_dataset("cifar10", split="train", limit=args.train_images)
-        fit = gatekit.fit_exits(model, train, epochs=args.epochs, lr=args.lr, distill=args.distill)
+        fit = gatekit.fit_exits(model, train, epochs=args.epochs, lr=args.lr, distill=args.distill,
+                                 seed=args.seed)
         head_train_accuracy = fit.train_accuracy
     val = load_dataset("cifar10", split="val")
     base = gatekit.profile(model, val, batch_size=500)

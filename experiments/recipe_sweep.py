@@ -108,7 +108,7 @@ def main() -> None:
         if name.startswith("exits-"):  # a log beside the runs, not a run folder report.py would read
             backbone, *budgets = arguments
             command = [sys.executable, str(EXITS), "--init", str(folder / backbone / "model.pt"), "--budgets",
-                       *budgets, "--save-runs", str(run), "--out", str(folder / f"{name}.json"), *_threads(common)]
+                       *budgets, "--save-runs", str(run), "--out", str(folder / f"{name}.json"), *_exit_arguments(common)]
             log_path = folder / f"{name}.log"
         else:
             command = [sys.executable, str(TRAIN), "--dataset", "cifar10", *arguments, *common, "--out", str(run)]
@@ -134,9 +134,9 @@ def _copy_dense(checkpoint: Path, run: Path) -> None:
                 shutil.copy(checkpoint.parent / file, run / file)
 
 
-def _threads(common: list[str]) -> list[str]:
-    """exits.py takes only the --threads of the common train.py arguments."""
-    return common[common.index("--threads"):common.index("--threads") + 2] if "--threads" in common else []
+def _exit_arguments(common: list[str]) -> list[str]:
+    """exits.py takes only the --threads and --seed of the common train.py arguments."""
+    return [a for flag in ("--threads", "--seed") if flag in common for a in common[common.index(flag):common.index(flag) + 2]]
 
 
 if __name__ == "__main__":
