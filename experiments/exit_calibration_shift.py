@@ -14,28 +14,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import TensorDataset
-from torchvision.io import decode_jpeg, encode_jpeg
 
 import gatekit
-from gatekit import datasets
-from gatekit.datasets import load_dataset
+from gatekit.datasets import jpeg, load_dataset
 
 RUNS = Path(__file__).resolve().parents[1] / "results" / "cifar10-base" / "comparison" / "cifar10" / "runs"
 DENSE_RESNET20_MACS = 40_551_040
 MODELS = {"exits-static-f0.65-b0.5": (0.5, 0.45, 0.4), "exits-static-f0.5-b0.4": (0.4, 0.35, 0.3)}
-
-
-def jpeg_val(quality: int) -> TensorDataset:
-    """``val`` as ``load_dataset`` gives it, each image first saved as JPEG at ``quality``."""
-    spec = datasets._spec("cifar10", "val", None)
-    images, labels = datasets._load_arrays("cifar10", spec, "train", None, False)
-    indices = datasets._split_indices(len(labels), "val")
-    encoded = [decode_jpeg(encode_jpeg(torch.from_numpy(image).permute(2, 0, 1).contiguous(), quality=quality))
-               .permute(1, 2, 0).numpy() for image in images[indices]]
-    return TensorDataset(datasets._normalize(np.stack(encoded), spec), torch.from_numpy(labels[indices].astype(np.int64)))
 
 
 def measured(model, data) -> dict:
@@ -51,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    splits = {"val": load_dataset("cifar10", split="val"), "val-jpeg": jpeg_val(args.quality),
+    splits = {"val": load_dataset("cifar10", split="val"), "val-jpeg": load_dataset("cifar10", split="val", pixels=jpeg(args.quality)),
               "test": load_dataset("cifar10", split="test"), "test-jpeg": load_dataset("cifar10-jpeg", split="test")}
     rows = []
     for run, budgets in MODELS.items():

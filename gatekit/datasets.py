@@ -11,6 +11,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ DATASETS = {
 
 def load_dataset(
     name: str, *, split: str = "train", root: str | os.PathLike | None = None, download: bool = False,
-    limit: int | None = None,
+    limit: int | None = None, pixels: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> TensorDataset:
     """Load a dataset as normalized float images (N, C, H, W) and int64 labels.
 
@@ -65,6 +66,9 @@ def load_dataset(
         download: let torchvision download the data if no copy is found.
         limit: keep this many examples, spread evenly over the split (a class-sorted split keeps
             every class).
+        pixels: applied to the split's uint8 images, ``(N, H, W)`` or ``(N, H, W, C)``, before
+            normalization; must return uint8 images of the same shape. For example ``jpeg(75)``, to
+            calibrate exits on images that went through a deployment's JPEG encoder.
 
     Returns:
         A ``TensorDataset`` of ``(image, label)`` pairs.
@@ -81,7 +85,35 @@ def load_dataset(
     indices = _split_indices(len(labels), split)
     if limit is not None and limit < len(indices):
         indices = indices[np.arange(limit) * len(indices) // limit]
-    return TensorDataset(_normalize(images[indices], spec), torch.from_numpy(labels[indices].astype(np.int64)))
+    chosen = images[indices] if pixels is None else _transformed(images[indices], pixels)
+    return TensorDataset(_normalize(chosen, spec), torch.from_numpy(labels[indices].astype(np.int64)))
+
+
+def jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``pixels`` transform for ``load_dataset``: every image saved as JPEG at ``quality`` (1-100) and
+    decoded again, as torchvision's ``encode_jpeg`` does it."""
+    if not 1 <= quality <= 100:
+        raise GatekitError(f"jpeg(quality={quality}): pass a JPEG quality from 1 to 100.")
+
+    def round_trip(images: np.ndarray) -> np.ndarray:
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        tensors = torch.from_numpy(np.ascontiguousarray(images))
+        tensors = tensors.unsqueeze(-1) if tensors.dim() == 3 else tensors
+        decoded = [decode_jpeg(encode_jpeg(image.permute(2, 0, 1).contiguous(), quality=quality)).permute(1, 2, 0)
+                   for image in tensors]
+        return torch.stack(decoded).reshape(images.shape).numpy()
+
+    return round_trip
+
+
+def _transformed(images: np.ndarray, pixels: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    result = pixels(images)
+    if not isinstance(result, np.ndarray) or result.shape != images.shape or result.dtype != np.uint8:
+        got = f"{type(result).__name__} {getattr(result, 'shape', '')} {getattr(result, 'dtype', '')}".strip()
+        raise GatekitError(f"load_dataset(pixels=...) returned {got}; return uint8 images of shape "
+                           f"{images.shape}, as it was given.")
+    return result
 
 
 def _spec(name: str, split: str, limit: int | None) -> DatasetSpec:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gatekit import GatekitError
-from gatekit.datasets import DATASETS, ENV_VAR, VAL_FRACTION, load_dataset
+from gatekit.datasets import DATASETS, ENV_VAR, VAL_FRACTION, jpeg, load_dataset
 
 TRAIN, TEST = 200, 30
 
@@ -207,3 +207,27 @@ def test_download_flag_reaches_torchvision(tmp_path, no_env, monkeypatch):
     with pytest.raises(GatekitError, match="Error downloading"):
         load_dataset("fashion-mnist", split="test", root=tmp_path, download=True)
     assert calls == [str(tmp_path)]
+
+
+def test_pixels_transform_runs_on_the_split_before_normalization(fashion):
+    root, arrays = fashion
+    inverted = load_dataset("fashion-mnist", split="test", root=root, pixels=lambda images: 255 - images).tensors[0]
+    expected = (torch.from_numpy(255 - arrays["x_test"]).float() / 255 - 0.2860) / 0.3530
+    torch.testing.assert_close(inverted[:, 0], expected)
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (32, 32, 3)])
+def test_jpeg_round_trip_keeps_shape_and_changes_pixels(shape):
+    images = fake_arrays(4, shape, seed=2)[0]
+    encoded = jpeg(75)(images)
+    assert encoded.shape == images.shape and encoded.dtype == np.uint8
+    assert not np.array_equal(encoded, images)  # random pixels do not survive a lossy encoder
+    assert np.abs(encoded.astype(int) - images).mean() > np.abs(jpeg(100)(images).astype(int) - images).mean()
+
+
+def test_pixels_transform_that_changes_shape_is_refused(fashion):
+    root, _ = fashion
+    with pytest.raises(GatekitError, match="return uint8 images of shape"):
+        load_dataset("fashion-mnist", split="test", root=root, pixels=lambda images: images[:, :10])
+    with pytest.raises(GatekitError, match="quality"):
+        jpeg(0)
