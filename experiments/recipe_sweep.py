@@ -14,7 +14,8 @@ trained from scratch for 20 epochs plus the 3 of finetuning, as issue 13 did::
 
 The exit runs ``exits-<backbone>-b<budget>`` come from one ``experiments/exits.py`` call per backbone
 run: heads fitted on ``train`` once, then one threshold calibrated on ``val`` to each budget (a
-fraction of the dense ResNet20's MACs).
+fraction of the dense ResNet20's MACs). A second seed goes into its own ``--out`` with ``-- --seed 1``
+(train.py's and exits.py's).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ EXIT_BUDGETS = {  # backbone run -> budgets of its exits (below the backbone's o
     "static-f0.5": (0.4, 0.35, 0.3),
     "dlcg-b0.65": (0.5, 0.4),
     "dlcg-b0.5": (0.4, 0.3),
+    "channel-b0.65": (0.5, 0.4),
+    "channel-b0.5": (0.4, 0.3),
     "joint1-static-f0.65": (0.5, 0.45, 0.4),
     "joint3-static-f0.65": (0.5, 0.45, 0.4),
 }
@@ -71,7 +74,7 @@ def plan(init: Path, epochs: int, smaller: Path | None, folder: Path = Path("RUN
             (f"aig-t{level}", [*finetune, "--method", "layer", "--target", str(level), "--loss-weight", "10"]),
             (f"budget-b{level}", [*finetune, "--method", "dlcg", "--budget", str(level), "--warm-start", "0"]),
         ]
-    return runs
+    return runs + _exit_runs("channel-b0.65") + _exit_runs("channel-b0.5")
 
 
 def _exit_runs(backbone: str) -> list[tuple[str, list[str]]]:
