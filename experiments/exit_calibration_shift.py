@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,15 +33,19 @@ def measured(model, data) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quality", type=int, default=75)
+    parser.add_argument("--models", nargs="*", metavar="RUN=B1,B2", help="published exit runs and the budgets to "
+                        "calibrate them to (default: " + " ".join(f"{r}={','.join(map(str, b))}" for r, b in MODELS.items()) + ")")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    models = MODELS if not args.models else {
+        run: tuple(map(float, budgets.split(","))) for run, budgets in (m.split("=") for m in args.models)}
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     splits = {"val": load_dataset("cifar10", split="val"), "val-jpeg": load_dataset("cifar10", split="val", pixels=jpeg(args.quality)),
               "test": load_dataset("cifar10", split="test"), "test-jpeg": load_dataset("cifar10-jpeg", split="test")}
     rows = []
-    for run, budgets in MODELS.items():
+    for run, budgets in models.items():
         model = gatekit.load(RUNS / run / "model.pt").eval()
         for calibrated_on in ("val", "val-jpeg"):
             for budget in budgets:
@@ -49,7 +54,7 @@ def main() -> None:
                            **{split: measured(model, data) for split, data in splits.items()})
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    result = dict(command="python experiments/exit_calibration_shift.py" + (f" --out {args.out}" if args.out else ""),
+    result = dict(command=" ".join(["python experiments/exit_calibration_shift.py", *sys.argv[1:]]),
                   date=time.strftime("%Y-%m-%d"), seconds=round(time.perf_counter() - began), rows=rows)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -2,9 +2,10 @@
 
 Every ``model.pt`` under ``SWEEP/<dataset>/`` is profiled with ``gatekit.profile`` (what ``gatekit
 profile`` runs) on the val split and on the test split(s): CIFAR-10 on the 1000 lossless official test
-images and, separately, on all 10000 re-encoded as JPEG. Results go to ``RESULTS/<dataset>/``:
-``runs.json`` (every figure of every run), ``table.md``, ``accuracy_vs_macs_<split>.png`` and
-``equal_macs_<split>.md`` (each method's test accuracy interpolated at shared MAC fractions, for the claims).
+images and, separately, on all 10000 re-encoded as JPEG; and, for CIFAR-10, on val saved as JPEG too
+(``val-jpeg``), the held-out stand-in for the JPEG test images. Results go to ``RESULTS/<dataset>/``:
+``runs.json`` (every figure of every run), ``table.md``, ``accuracy_vs_macs_<test split>.png`` and
+``equal_macs_<split>.md`` (each method's accuracy interpolated at shared MAC fractions, for the claims).
 Settings are chosen on val; the test columns are only reported.
 
     python experiments/report.py runs/sweep --results results
@@ -19,9 +20,10 @@ from pathlib import Path
 import torch
 
 import gatekit
-from gatekit.datasets import load_dataset
+from gatekit.datasets import jpeg, load_dataset
 
 TEST_SETS = {"cifar10": ("cifar10", "cifar10-jpeg"), "fashion-mnist": ("fashion-mnist",), "mnist": ("mnist",)}
+JPEG_QUALITY = 75  # cifar10-jpeg's (../shared/data/README.md): val-jpeg is val as the JPEG test images were made
 METHOD_LABELS = {
     "dlcg": "DLCG (paper loss)", "dlcgraw": "DLCG (paper loss, raw channel rates)",
     "channel": "channel gating (paper loss)", "aig": "ConvNet-AIG (layer, target rate)",
@@ -54,18 +56,22 @@ def method_of(run: str) -> str:
 
 
 def evaluate_run(folder: Path, splits: dict[str, torch.utils.data.Dataset]) -> dict:
-    cached = folder / "eval.json"  # a rerun after an interruption skips what it already measured
-    if cached.exists() and cached.stat().st_mtime > (folder / "model.pt").stat().st_mtime:
-        return json.loads(cached.read_text())
-    row = _evaluate(folder, splits)
-    cached.write_text(json.dumps(row))
+    """The run's row; a rerun (after an interruption, or with a new split) measures only what its
+    ``eval.json`` lacks."""
+    cached = folder / "eval.json"
+    row = {}
+    if cached.exists() and cached.stat().st_mtime >= (folder / "model.pt").stat().st_mtime:
+        row = json.loads(cached.read_text())
+    if any(split not in row for split in splits):
+        row = _evaluate(folder, {s: d for s, d in splits.items() if s not in row}, row)
+        cached.write_text(json.dumps(row))
     return row
 
 
-def _evaluate(folder: Path, splits: dict[str, torch.utils.data.Dataset]) -> dict:
+def _evaluate(folder: Path, splits: dict[str, torch.utils.data.Dataset], row: dict) -> dict:
     model = gatekit.load(folder / "model.pt")
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
-    row = dict(run=folder.name, method=method_of(folder.name), config=summary.get("config", {}),
+    row = dict(row, run=folder.name, method=method_of(folder.name), config=summary.get("config", {}),
                train=summary.get("final", {}))
     for split, data in splits.items():
         report = gatekit.profile(model, data, batch_size=500)
@@ -204,6 +210,8 @@ def main() -> None:
         if not folders:
             continue
         splits = {"val": load_dataset(dataset, split="val")}
+        if "cifar10-jpeg" in TEST_SETS[dataset]:
+            splits["val-jpeg"] = load_dataset(dataset, split="val", pixels=jpeg(JPEG_QUALITY))
         for name in TEST_SETS[dataset]:
             splits["test" if name == dataset else f"test-{name.split('-')[-1]}"] = load_dataset(name, split="test")
         out = args.results / dataset
@@ -222,8 +230,9 @@ def main() -> None:
         (out / "runs.json").write_text(json.dumps(rows, indent=1))
         reference = next(r["val"]["dense_macs"] for r in rows if r["run"] == "dense-resnet20")
         write_table(rows, dataset, reference, out / "table.md")
-        for split in (s for s in splits if s != "val"):
-            plot(rows, dataset, split, out / f"accuracy_vs_macs_{split}.png")
+        for split in splits:
+            if split.startswith("test"):
+                plot(rows, dataset, split, out / f"accuracy_vs_macs_{split}.png")
             write_equal_macs(rows, split, out / f"equal_macs_{split}.md")
 
 

@@ -210,6 +210,22 @@ def test_report_takes_the_exit_run_best_on_val_at_each_budget():
     assert sorted(report.points(rows, "exits-static", "test", 100.0)) == [(0.3, 0.6), (0.39, 0.7)]
 
 
+def test_report_measures_only_the_splits_a_run_lacks(tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path / "static-f0.5"
+    run.mkdir()
+    gatekit.save(get_model("mnist/resnet8", widths=[4, 8, 16]).eval(), run / "model.pt")
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    first = report.evaluate_run(run, {"val": data})
+    cached = json.loads((run / "eval.json").read_text())
+    cached["val"]["accuracy"] = -1.0  # a marker: a re-measured val would overwrite it
+    (run / "eval.json").write_text(json.dumps(cached))
+    second = report.evaluate_run(run, {"val": data, "val-jpeg": data})
+    assert second["val"]["accuracy"] == -1.0
+    assert second["val-jpeg"]["accuracy"] == first["val"]["accuracy"]  # same images, measured now
+    assert json.loads((run / "eval.json").read_text())["val-jpeg"] == second["val-jpeg"]
+
+
 def test_the_skipping_oracle_keeps_every_prediction_and_only_lowers_the_cost():
     torch.manual_seed(0)
     dense = get_model("cifar/resnet8").eval()
