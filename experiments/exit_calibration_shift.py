@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--quality", type=int, default=75)
     parser.add_argument("--models", nargs="*", metavar="RUN=B1,B2", help="published exit runs and the budgets to "
                         "calibrate them to (default: " + " ".join(f"{r}={','.join(map(str, b))}" for r, b in MODELS.items()) + ")")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the runs (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
               "test": load_dataset("cifar10", split="test"), "test-jpeg": load_dataset("cifar10-jpeg", split="test")}
     rows = []
     for run, budgets in models.items():
-        model = gatekit.load(RUNS / run / "model.pt").eval()
+        model = gatekit.load(args.runs / run / "model.pt").eval()
         for calibrated_on in ("val", "val-jpeg"):
             for budget in budgets:
                 gatekit.calibrate_exits(model, splits[calibrated_on], budget=budget, reference_macs=DENSE_RESNET20_MACS)
