@@ -193,7 +193,7 @@ def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
     axes.set_ylim(bottom=floor)
     axes.set_xlabel("mean MACs per image (millions, gates included)")
     axes.set_ylabel(f"top-1 accuracy on {split} (%)")
-    axes.set_title(f"{dataset}: accuracy vs MACs" + (f" ({hidden} runs below {floor:.0f} % not shown)" if hidden else ""))
+    axes.set_title(f"{dataset}: accuracy vs MACs" + (f" ({hidden} run{'s' * (hidden > 1)} below {floor:.0f} % not shown)" if hidden else ""))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
