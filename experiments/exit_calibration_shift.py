@@ -43,7 +43,8 @@ def main() -> None:
         run: tuple(map(float, budgets.split(","))) for run, budgets in (m.split("=") for m in args.models)}
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    splits = {"val": load_dataset("cifar10", split="val"), "val-jpeg": load_dataset("cifar10", split="val", pixels=jpeg(args.quality)),
+    splits = {"val": load_dataset("cifar10", split="val"),
+              "val-jpeg": load_dataset("cifar10", split="val", pixels=jpeg(args.quality)),
               "test": load_dataset("cifar10", split="test"), "test-jpeg": load_dataset("cifar10-jpeg", split="test")}
     rows = []
     for run, budgets in models.items():

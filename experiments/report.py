@@ -187,8 +187,8 @@ def plot(rows: list[dict], dataset: str, split: str, path: Path) -> None:
             for x, y, name in marks:
                 if method == "dense":
                     axes.annotate(name.removeprefix("dense-"), (x, y), textcoords="offset points", xytext=(4, 4))
-    dense = [100 * r[split]["accuracy"] for r in rows if r["method"] in ("dense", "static")]
-    floor = min(dense) - 5  # far weaker runs would squash the curves that matter into a band
+    references = [100 * r[split]["accuracy"] for r in rows if r["method"] in ("dense", "static")]
+    floor = min(references) - 5  # far weaker runs would squash the curves that matter into a band
     hidden = sum(100 * r[split]["accuracy"] < floor for r in rows)
     axes.set_ylim(bottom=floor)
     axes.set_xlabel("mean MACs per image (millions, gates included)")
