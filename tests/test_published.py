@@ -97,45 +97,41 @@ def test_the_cifar10_base_reproduces_its_val_accuracy(tmp_path):
     assert measured["mean_macs"] == measured["dense_macs"] == 40_551_040  # dense: every image pays every MAC
 
 
-def test_a_published_exit_checkpoint_counts_its_exits(tmp_path):
-    """results/cifar10-base/comparison (issues 21 and 22): `gatekit profile` on static pruning plus
-    exits reproduces the published test figures, and every image's MACs are those of the exit it took."""
+def profile_published_exit_run(run: str, tmp_path) -> tuple[dict, dict, dict[int, list[int]]]:
+    """`gatekit profile` on a published exit run of results/cifar10-base/comparison on the lossless test
+    images: what it measured, what experiments/report.py published, and each exit's per-image MACs."""
     load_test_split("cifar10")
     folder = RESULTS / "cifar10-base" / "comparison" / "cifar10"
-    run = "exits-static-f0.65-b0.5"
     status = cli.main(["profile", str(folder / "runs" / run / "model.pt"), "--dataset", "cifar10", "--split", "test",
                        "--batch-size", "500", "--json", str(tmp_path / "profile.json"), "--quiet"])
     assert status == 0
     measured = json.loads((tmp_path / "profile.json").read_text())
     expected = next(row for row in json.loads((folder / "runs.json").read_text()) if row["run"] == run)["test"]
+    cost = {}
+    for index, macs in zip(measured["per_sample_exits"], measured["per_sample_macs"]):
+        cost.setdefault(index, []).append(macs)
+    return measured, expected, cost
+
+
+def test_a_published_exit_checkpoint_counts_its_exits(tmp_path):
+    """results/cifar10-base/comparison (issues 21 and 22): `gatekit profile` on static pruning plus
+    exits reproduces the published test figures, and every image's MACs are those of the exit it took."""
+    measured, expected, cost = profile_published_exit_run("exits-static-f0.65-b0.5", tmp_path)
     assert measured["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
     assert measured["mean_macs"] == pytest.approx(expected["mean_macs"], rel=1e-9)
     exits = measured["exits"]
     assert [e["name"] for e in exits][-1] == "final" and sum(e["rate"] for e in exits) == pytest.approx(1.0)
     assert 0 < exits[-1]["rate"] < 1  # some images left early, some ran to the end
-    cost = {}
-    for index, macs in zip(measured["per_sample_exits"], measured["per_sample_macs"]):
-        cost.setdefault(index, set()).add(macs)
-    assert all(len(values) == 1 for values in cost.values())  # a static backbone: one cost per exit
-    assert sorted(cost) == sorted(cost, key=lambda index: next(iter(cost[index])))  # later exits cost more
+    assert all(len(set(values)) == 1 for values in cost.values())  # a static backbone: one cost per exit
+    assert sorted(cost) == sorted(cost, key=lambda index: cost[index][0])  # later exits cost more
 
 
 def test_published_exits_on_a_gated_backbone_reproduce_their_figures(tmp_path):
     """results/cifar10-base/comparison: exits on DLCG (the JPEG headline of docs/results.md) reproduce
     the published test figures; the gates still choose per image, so one exit has several costs."""
-    load_test_split("cifar10")
-    folder = RESULTS / "cifar10-base" / "comparison" / "cifar10"
-    run = "exits-dlcg-b0.65-b0.5"
-    status = cli.main(["profile", str(folder / "runs" / run / "model.pt"), "--dataset", "cifar10", "--split", "test",
-                       "--batch-size", "500", "--json", str(tmp_path / "profile.json"), "--quiet"])
-    assert status == 0
-    measured = json.loads((tmp_path / "profile.json").read_text())
-    expected = next(row for row in json.loads((folder / "runs.json").read_text()) if row["run"] == run)["test"]
+    measured, expected, cost = profile_published_exit_run("exits-dlcg-b0.65-b0.5", tmp_path)
     assert measured["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
     assert measured["mean_macs"] == pytest.approx(expected["mean_macs"], rel=1e-4)  # gates: see the first test
-    cost = {}
-    for index, macs in zip(measured["per_sample_exits"], measured["per_sample_macs"]):
-        cost.setdefault(index, []).append(macs)
     assert any(len(set(values)) > 1 for values in cost.values())
     means = [sum(cost[index]) / len(cost[index]) for index in sorted(cost)]
     assert means == sorted(means)  # a later exit costs more on average
